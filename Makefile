@@ -1,0 +1,29 @@
+# Quick start: `make run` (install, then the main job) and `make test` (install, then the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch; override (e.g. TORCH=torch) to let pip choose a CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install run test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) examples/digits.py
+
+test: install
+	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check .
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Triton kernels for SPG, installed as ``spg_fast.kernels``."""
