@@ -1,8 +1,16 @@
-"""The one place that chooses which implementation of SPG's tensor operations runs."""
+"""The one place that chooses which implementation of SPG's tensor operations runs.
+
+``"torch"`` is the pure-PyTorch reference (any device, any floating dtype). ``"triton"`` runs the kernels of
+``spg_fast.kernels`` on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1`` is
+set (how CI tests them). ``"auto"`` picks Triton for CUDA tensors of supported dtypes when Triton is installed,
+the reference otherwise; both compute the same results (see the kernels' parity tests).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import importlib.util
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,16 +18,22 @@ from torch import Tensor
 
 from spg_fast import reference
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
+TRITON_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class Ops:
-    """SPG's tensor operations as one backend implements them; signatures as in ``spg_fast.reference``."""
+    """SPG's tensor operations as one backend implements them (signatures as in ``spg_fast.reference``).
+
+    ``mask_factors(importances)`` gives, per shared tensor, what ``soft_mask_`` multiplies by: the keep factor
+    ``1 - A`` for the reference, ``A`` itself for the kernels (which form ``1 - A`` in registers).
+    """
 
     name: str
     importance_max_: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
-    keep_factors: Callable[[Sequence[Tensor]], list[Tensor]]
+    mask_factors: Callable[[Sequence[Tensor]], list[Tensor]]
     head_scale: Callable[[Sequence[Tensor]], Tensor]
     soft_mask_: Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], Tensor], None]
 
@@ -27,14 +41,54 @@ class Ops:
 TORCH_OPS = Ops(
     name="torch",
     importance_max_=reference.importance_max_,
-    keep_factors=reference.keep_factors,
+    mask_factors=reference.keep_factors,
     head_scale=reference.head_scale,
     soft_mask_=reference.soft_mask_,
 )
 
 
-def resolve_backend(backend: str, device: torch.device) -> Ops:
-    """The ops for ``backend`` (one of ``BACKENDS``) on tensors that live on ``device``."""
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_ops() -> Ops:
+    from spg_fast.kernels import importance_max_, soft_mask_
+
+    return Ops(name="triton", importance_max_=importance_max_, mask_factors=list,
+               head_scale=reference.head_scale, soft_mask_=soft_mask_)
+
+
+def _triton_problem(named: Iterable[tuple[str, Tensor]], importance_dtype: torch.dtype | None) -> str | None:
+    """Why the kernels cannot serve these parameters, or None when they can."""
+    if not triton_available():
+        return "Triton is not installed"
+    if importance_dtype is not None and importance_dtype not in TRITON_IMPORTANCE_DTYPES:
+        return f"importance_dtype {importance_dtype} is not one of {TRITON_IMPORTANCE_DTYPES}"
+    for name, p in named:
+        if p.dtype not in TRITON_GRAD_DTYPES:
+            return f"parameter {name!r} has dtype {p.dtype}; the kernels take {TRITON_GRAD_DTYPES}"
+        if p.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"parameter {name!r} is on the CPU, where Triton runs only with TRITON_INTERPRET=1"
+        if p.device.type not in ("cpu", "cuda"):
+            return f"parameter {name!r} is on {p.device}; the kernels run on CUDA"
+    return None
+
+
+def resolve_backend(backend: str, named_params: Sequence[tuple[str, Tensor]],
+                    importance_dtype: torch.dtype | None = None) -> Ops:
+    """The ops for ``backend`` (one of ``BACKENDS``) serving ``named_params``.
+
+    An explicit ``"triton"`` that cannot serve them is an error naming the reason; ``"auto"`` then uses the
+    reference, which computes the same values.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    return TORCH_OPS
+    if backend == "torch":
+        return TORCH_OPS
+    problem = _triton_problem(named_params, importance_dtype)
+    if backend == "triton":
+        if problem:
+            raise ValueError(f"backend='triton' cannot be used: {problem}")
+        return _triton_ops()
+    on_cuda = all(p.device.type == "cuda" for _, p in named_params)
+    return _triton_ops() if on_cuda and problem is None else TORCH_OPS

@@ -88,8 +88,8 @@ def importance_max_(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> 
 
 
 def keep_factors(importances: Sequence[Tensor]) -> list[Tensor]:
-    """``1 - A`` for each accumulated importance: the factor each shared gradient is multiplied by."""
-    return [torch.rsub(a, 1) for a in importances]
+    """``1 - A`` in ``compute_dtype`` for each accumulated importance: what each shared gradient is multiplied by."""
+    return [torch.rsub(a.to(compute_dtype(a.dtype)), 1) for a in importances]
 
 
 def head_scale(importances: Sequence[Tensor]) -> Tensor:
@@ -111,10 +111,13 @@ def soft_mask_(grads: Sequence[Tensor], keeps: Sequence[Tensor], head_grads: Seq
     """In place: ``g <- g * keep`` for each shared gradient, ``g <- g * scale`` for each head gradient.
 
     ``keeps`` are the ``keep_factors`` of the shared parameters and ``scale`` is ``head_scale``, a device tensor:
-    nothing here synchronises with the host.
+    nothing here synchronises with the host. Products are formed in float32 (or wider) and rounded once to the
+    gradient's dtype.
     """
     _check_lists("soft_mask_", grads, keeps)
     if grads:
         torch._foreach_mul_(list(grads), list(keeps))
     if head_grads:
-        torch._foreach_mul_(list(head_grads), scale)
+        # A 0-dim tensor does not take part in type promotion, so multiplying a bfloat16 gradient by it would first
+        # round the scale to bfloat16; an expanded view promotes like any tensor and keeps the product in float32.
+        torch._foreach_mul_(list(head_grads), [scale.expand(h.shape) for h in head_grads])

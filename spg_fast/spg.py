@@ -27,16 +27,22 @@ class SPG:
     every optimizer step (through ``wrap``, ``attach`` or ``mask_gradients``) scales each shared gradient by
     ``1 - A`` and each head gradient by ``1 - mean(A)``. State lives on the parameters' device.
 
-    Memory: two tensors per shared parameter, in float32 (or the parameter's dtype if wider): the importance
-    ``A`` and the keep factor ``1 - A`` that the per-step mask multiplies by.
+    ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"`` (see ``spg_fast.backend``). ``importance_dtype`` stores
+    ``A`` in float32 (the default; float64 for float64 parameters) or bfloat16, which halves its memory and keeps
+    ``A`` within a relative 2**-9 (absolute 2**-9, as A < 1) of the float32 value, rounded to nearest.
+    Memory per shared element: ``A``, plus (torch backend only) the float32 keep factor ``1 - A`` the mask
+    multiplies by; the Triton kernels form ``1 - A`` in registers.
     """
 
-    def __init__(self, model: nn.Module, heads: HeadSpec, *, backend: str = "auto") -> None:
+    def __init__(self, model: nn.Module, heads: HeadSpec, *, backend: str = "auto",
+                 importance_dtype: torch.dtype | None = None) -> None:
+        if importance_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"importance_dtype must be None, torch.float32 or torch.bfloat16, got {importance_dtype}")
         self.model = model
         self._heads = heads
+        self._importance_dtype = importance_dtype
         self._partition = partition(model, heads)
-        device = next(iter(self._partition.shared.values())).device
-        self._ops = resolve_backend(backend, device)
+        self._ops = resolve_backend(backend, list(self._partition.shared.items()), importance_dtype)
         self._tasks_finished = 0
         self._importance: dict[str, Tensor] = {}
         self._head_scale: Tensor | None = None
@@ -87,10 +93,10 @@ class SPG:
         self._rebuild_slots()
 
     def _rebuild_slots(self) -> None:
-        keeps = dict(zip(self._importance, self._ops.keep_factors(list(self._importance.values())), strict=True))
+        factors = dict(zip(self._importance, self._ops.mask_factors(list(self._importance.values())), strict=True))
         slots: dict[Tensor, Tensor | None] = {p: None for p in self._partition.heads.values()}
         for name, p in self._partition.shared.items():
-            slots[p] = keeps.get(name)
+            slots[p] = factors.get(name)
         self._slots = slots
 
     def _name_of(self, param: Tensor) -> str | None:
@@ -136,7 +142,7 @@ class SPG:
         if self._head_scale is None:
             return
         grads: list[Tensor] = []
-        keeps: list[Tensor] = []
+        factors: list[Tensor] = []
         head_grads: list[Tensor] = []
         for p in self._slots if params is None else params:
             g = p.grad
@@ -150,13 +156,13 @@ class SPG:
             if g.is_sparse:
                 raise TypeError(f"SPG.mask_gradients: parameter {self._name_of(p)!r} has a sparse gradient, "
                                 "which SPG does not support")
-            keep = self._slots[p]
-            if keep is None:
+            factor = self._slots[p]
+            if factor is None:
                 head_grads.append(g)
             else:
                 grads.append(g)
-                keeps.append(keep)
-        self._ops.soft_mask_(grads, keeps, head_grads, self._head_scale)
+                factors.append(factor)
+        self._ops.soft_mask_(grads, factors, head_grads, self._head_scale)
 
     # ------------------------------------------------------------- end task
     def end_task(
@@ -187,7 +193,7 @@ class SPG:
         self._refresh_partition()
         shared = self._partition.shared
         work = ([a.clone() for a in self._importance.values()] if self._importance else
-                [torch.zeros_like(p, dtype=compute_dtype(p.dtype)) for p in shared.values()])
+                [torch.zeros_like(p, dtype=self._storage_dtype(p)) for p in shared.values()])
         device = next(iter(shared.values())).device
         forward = forward or self.model
         prepare_batch = prepare_batch or _mover(device)
@@ -266,8 +272,11 @@ class SPG:
                 problems.append(f"{name}: importance values must lie in [0, 1] (NaN is not allowed)")
         if problems:
             raise ValueError("SPG state dict does not match the model: " + "; ".join(problems))
-        self._commit({n: saved[n].to(device=p.device, dtype=compute_dtype(p.dtype), copy=True)
+        self._commit({n: saved[n].to(device=p.device, dtype=self._storage_dtype(p), copy=True)
                       for n, p in shared.items()}, tasks)
+
+    def _storage_dtype(self, param: Tensor) -> torch.dtype:
+        return self._importance_dtype or compute_dtype(param.dtype)
 
     # ----------------------------------------------------------- integration
     def wrap(self, optimizer: torch.optim.Optimizer) -> SPGOptimizer:

@@ -1,0 +1,176 @@
+"""Fused importance update: ``A <- max(A, |tanh((h - mean h) / std h)|)`` for all tensors of a model.
+
+Three launches per (gradient dtype, importance dtype) group, whatever the number of tensors:
+1. ``_tile_stats``: one read of every gradient; per tile of ``BLOCK`` elements, the count, the sum and the centred
+   sum of squares (relative to a per-tensor pivot, the tensor's first element, so that an offset mean costs no
+   precision), the extremes and the number of non-finite values, all in float64;
+2. ``_combine``: per tensor, Chan's parallel combination of its tiles (deterministic: a fixed reduction order);
+3. ``_update``: one read of every gradient and read-modify-write of its accumulator, skipping tensors that hold a
+   non-finite value, which are flagged in the returned bool tensor without any host synchronisation.
+Statistics and the standardisation run in float64, so the result is the float32 rounding of the exact value, as in
+``spg_fast.reference``. ``tanh`` is built from ``exp`` so that the same code runs under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, dense, dense_like, first_tiles, pointer_table, tile_table
+from spg_fast.kernels.rounding import round_to
+
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_PARTIALS = 6  # count, sum, centred sum of squares, min, max, non-finite count
+_STATS = 3  # mean (relative to the pivot), 1/std (0 where the importance is 0 by the spec), non-finite flag
+_COMBINE_BLOCK = 1024
+
+
+@triton.jit
+def _tile_stats(h_ptrs, numels, tile_tensor, tile_start, partials, DT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor + pid)
+    start = tl.load(tile_start + pid)
+    n = tl.load(numels + t)
+    h = tl.load(h_ptrs + t).to(tl.pointer_type(DT))
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < n
+    x = tl.load(h + offs, mask=inside, other=0.0).to(tl.float64)
+    finite = tl.abs(x) < float("inf")
+    ok = inside & finite
+    d = tl.where(ok, x - tl.load(h).to(tl.float64), 0.0)
+    count = tl.sum(ok.to(tl.float64), axis=0)
+    total = tl.sum(d, axis=0)
+    dev = tl.where(ok, d - total / tl.maximum(count, 1.0), 0.0)
+    row = partials + pid.to(tl.int64) * 6
+    tl.store(row + 0, count)
+    tl.store(row + 1, total)
+    tl.store(row + 2, tl.sum(dev * dev, axis=0))
+    tl.store(row + 3, tl.min(tl.where(ok, d, float("inf")), axis=0))
+    tl.store(row + 4, tl.max(tl.where(ok, d, -float("inf")), axis=0))
+    tl.store(row + 5, tl.sum((inside & ~finite).to(tl.float64), axis=0))
+
+
+@triton.jit
+def _combine(partials, first_tile, n_tiles, stats, CBLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    first = tl.load(first_tile + t)
+    count = tl.load(n_tiles + t)
+    lane = tl.arange(0, CBLOCK)
+    acc_n = tl.zeros([CBLOCK], dtype=tl.float64)
+    acc_s = tl.zeros([CBLOCK], dtype=tl.float64)
+    acc_lo = tl.full([CBLOCK], float("inf"), dtype=tl.float64)
+    acc_hi = tl.full([CBLOCK], -float("inf"), dtype=tl.float64)
+    acc_bad = tl.zeros([CBLOCK], dtype=tl.float64)
+    for i in range(0, count, CBLOCK):
+        live = i + lane < count
+        row = partials + (first + i + lane) * 6
+        acc_n += tl.load(row + 0, mask=live, other=0.0)
+        acc_s += tl.load(row + 1, mask=live, other=0.0)
+        acc_lo = tl.minimum(acc_lo, tl.load(row + 3, mask=live, other=float("inf")))
+        acc_hi = tl.maximum(acc_hi, tl.load(row + 4, mask=live, other=-float("inf")))
+        acc_bad += tl.load(row + 5, mask=live, other=0.0)
+    n = tl.sum(acc_n, axis=0)
+    mean = tl.sum(acc_s, axis=0) / tl.maximum(n, 1.0)
+    acc_m2 = tl.zeros([CBLOCK], dtype=tl.float64)
+    for i in range(0, count, CBLOCK):
+        live = i + lane < count
+        row = partials + (first + i + lane) * 6
+        c = tl.load(row + 0, mask=live, other=0.0)
+        s = tl.load(row + 1, mask=live, other=0.0)
+        gap = tl.where(c > 0, s / tl.maximum(c, 1.0) - mean, 0.0)
+        acc_m2 += tl.load(row + 2, mask=live, other=0.0) + c * gap * gap
+    std = tl.sqrt(tl.sum(acc_m2, axis=0) / tl.maximum(n - 1.0, 1.0))
+    valid = (n >= 2.0) & (tl.max(acc_hi, axis=0) > tl.min(acc_lo, axis=0)) & (std > 0.0) & (std < float("inf"))
+    out = stats + t.to(tl.int64) * 3
+    tl.store(out + 0, mean)
+    tl.store(out + 1, tl.where(valid, 1.0 / tl.where(valid, std, 1.0), 0.0))
+    tl.store(out + 2, tl.sum(acc_bad, axis=0))
+
+
+@triton.jit
+def _update(h_ptrs, a_ptrs, numels, tile_tensor, tile_start, stats, DT: tl.constexpr, ADT: tl.constexpr,
+            BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor + pid)
+    start = tl.load(tile_start + pid)
+    n = tl.load(numels + t)
+    row = stats + t * 3
+    mean = tl.load(row + 0)
+    inv_std = tl.load(row + 1)
+    bad = tl.load(row + 2)
+    h = tl.load(h_ptrs + t).to(tl.pointer_type(DT))
+    a_ptr = tl.load(a_ptrs + t).to(tl.pointer_type(ADT))
+    offs = start + tl.arange(0, BLOCK)
+    live = offs < tl.where(bad == 0.0, n, 0)  # a tensor with a non-finite value is left untouched
+    x = tl.load(h + offs, mask=live, other=0.0).to(tl.float64)
+    z = tl.abs(x - tl.load(h).to(tl.float64) - mean) * inv_std
+    e = tl.exp(-2.0 * z)
+    g = ((1.0 - e) / (1.0 + e)).to(tl.float32)
+    a = tl.load(a_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    tl.store(a_ptr + offs, round_to(tl.maximum(a, g), ADT), mask=live)
+
+
+def _check(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    if len(accumulators) != len(grads):
+        raise ValueError(f"importance_max_: got {len(accumulators)} and {len(grads)} tensors; the lists must pair up")
+    for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
+        if a.shape != h.shape:
+            raise ValueError(f"importance_max_: tensor {i} has shapes {tuple(a.shape)} and {tuple(h.shape)}")
+        if h.dtype not in GRAD_DTYPES:
+            raise TypeError(f"importance_max_ (triton): gradient {i} has dtype {h.dtype}; supported: {GRAD_DTYPES}")
+        if a.dtype not in IMPORTANCE_DTYPES:
+            raise TypeError(f"importance_max_ (triton): accumulator {i} has dtype {a.dtype}; "
+                            f"supported: {IMPORTANCE_DTYPES}")
+        if a.device != h.device or a.device != accumulators[0].device:
+            raise ValueError(f"importance_max_: tensor {i} is on {h.device} / {a.device}, expected one device")
+
+
+def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """The three launches for tensors of one (gradient dtype, accumulator dtype); returns non-finite flags."""
+    device = accs[0].device
+    work = [dense(a) for a in accs]
+    hs = [dense_like(h, a) for h, a in zip(grads, work, strict=True)]
+    tile_tensor, tile_start, numels = tile_table(hs, device)
+    h_ptrs = pointer_table(hs, device)
+    partials = torch.empty(tile_tensor.numel(), _PARTIALS, dtype=torch.float64, device=device)
+    dt, adt = _TL[hs[0].dtype], _TL[work[0].dtype]
+    _tile_stats[(tile_tensor.numel(),)](h_ptrs, numels, tile_tensor, tile_start, partials, DT=dt, BLOCK=BLOCK,
+                                        num_warps=NUM_WARPS)
+    first, counts = first_tiles(hs, device)
+    stats = torch.empty(len(hs), _STATS, dtype=torch.float64, device=device)
+    _combine[(len(hs),)](partials, first, counts, stats, CBLOCK=_COMBINE_BLOCK, num_warps=NUM_WARPS)
+    _update[(tile_tensor.numel(),)](h_ptrs, pointer_table(work, device), numels, tile_tensor, tile_start, stats,
+                                    DT=dt, ADT=adt, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    for a, w in zip(accs, work, strict=True):
+        if w is not a:
+            a.copy_(w)
+    return stats[:, 2] > 0
+
+
+@torch.library.custom_op("spg_fast::importance_max_", mutates_args=("accumulators",))
+def importance_max_(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """Triton ``A <- max(A, importance(h))`` per pair; returns the bool flags of gradients with non-finite values
+    (whose accumulators are left untouched). Same contract as ``spg_fast.reference.importance_max_``."""
+    _check(accumulators, grads)
+    device = accumulators[0].device if accumulators else torch.device("cpu")
+    flags = torch.zeros(len(grads), dtype=torch.bool, device=device)
+    groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+    for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
+        if h.numel() > 0:
+            groups.setdefault((h.dtype, a.dtype), []).append(i)
+    for idx in groups.values():
+        group_flags = _launch_group([accumulators[i] for i in idx], [grads[i] for i in idx])
+        flags[torch.tensor(idx, device=device)] = group_flags
+    return flags
+
+
+@importance_max_.register_fake
+def _(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
+    device = accumulators[0].device if accumulators else torch.device("cpu")
+    return torch.empty(len(grads), dtype=torch.bool, device=device)

@@ -1,0 +1,105 @@
+"""Soft mask of a whole model in one launch per gradient dtype: ``g <- g * (1 - A)`` for shared gradients and
+``g <- g * s`` for head gradients, ``s`` a device scalar. Reads ``A`` directly (``1 - A`` is formed in registers,
+bit-identical to ``spg_fast.reference``), so no keep-factor tensors are stored."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from spg_fast.kernels.importance import GRAD_DTYPES, IMPORTANCE_DTYPES
+from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, aligned, dense, dense_like, pointer_table, tile_table
+from spg_fast.kernels.rounding import round_to
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _soft_mask(g_ptrs, a_ptrs, numels, tile_tensor, tile_start, scale_ptr, n_shared, GDT: tl.constexpr,
+               ADT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor + pid)
+    start = tl.load(tile_start + pid)
+    n = tl.load(numels + t)
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(GDT))
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < n
+    g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    if t < n_shared:
+        a_ptr = tl.load(a_ptrs + t).to(tl.pointer_type(ADT))
+        if ALIGNED:
+            a_ptr = tl.multiple_of(a_ptr, 16)
+        out = g * (1.0 - tl.load(a_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+    else:
+        out = g * tl.load(scale_ptr)
+    tl.store(g_ptr + offs, round_to(out, GDT), mask=inside)
+
+
+def _check(grads: Sequence[Tensor], importances: Sequence[Tensor], head_grads: Sequence[Tensor],
+           scale: Tensor) -> None:
+    if len(grads) != len(importances):
+        raise ValueError(f"soft_mask_: got {len(grads)} gradients and {len(importances)} importances; "
+                         "the lists must pair up")
+    for i, (g, a) in enumerate(zip(grads, importances, strict=True)):
+        if g.shape != a.shape:
+            raise ValueError(f"soft_mask_: tensor {i} has shapes {tuple(g.shape)} and {tuple(a.shape)}")
+        if a.dtype not in IMPORTANCE_DTYPES:
+            raise TypeError(f"soft_mask_ (triton): importance {i} has dtype {a.dtype}; supported: "
+                            f"{IMPORTANCE_DTYPES}")
+    for i, g in enumerate([*grads, *head_grads]):
+        if g.dtype not in GRAD_DTYPES:
+            raise TypeError(f"soft_mask_ (triton): gradient {i} has dtype {g.dtype}; supported: {GRAD_DTYPES}")
+        if g.device != scale.device:
+            raise ValueError(f"soft_mask_: gradient {i} is on {g.device}, the scale on {scale.device}")
+    if scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"soft_mask_: scale must be a one-element float32 tensor, got {tuple(scale.shape)} "
+                         f"{scale.dtype}")
+
+
+def _launch(grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor) -> None:
+    """One launch for gradients of one dtype: shared ones first, then heads."""
+    work_a = [dense(a) for a in importances]
+    work_g = [dense_like(g, a) for g, a in zip(grads, work_a, strict=True)] + [dense(g) for g in head_grads]
+    device = scale.device
+    tile_tensor, tile_start, numels = tile_table(work_g, device)
+    adt = _TL[work_a[0].dtype] if work_a else tl.float32
+    _soft_mask[(tile_tensor.numel(),)](
+        pointer_table(work_g, device), pointer_table(work_a, device), numels, tile_tensor, tile_start, scale,
+        len(work_a), GDT=_TL[work_g[0].dtype], ADT=adt, BLOCK=BLOCK, ALIGNED=aligned(work_g + work_a),
+        num_warps=NUM_WARPS)
+    for g, w in zip([*grads, *head_grads], work_g, strict=True):
+        if w is not g:
+            g.copy_(w)
+
+
+@torch.library.custom_op("spg_fast::soft_mask_", mutates_args=("grads", "head_grads"))
+def soft_mask_(grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor) -> None:
+    """Triton soft mask: ``g *= 1 - A`` per shared pair, ``g *= scale`` per head gradient, in place.
+
+    One launch per gradient dtype present. Unlike ``spg_fast.reference.soft_mask_`` (which takes the keep factors
+    ``1 - A``) this takes the importances ``A`` themselves.
+    """
+    _check(grads, importances, head_grads, scale)
+    groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+    for g, a in zip(grads, importances, strict=True):
+        if g.numel():
+            entry = groups.setdefault((g.dtype, a.dtype), ([], [], []))
+            entry[0].append(g)
+            entry[1].append(a)
+    for g in head_grads:
+        if g.numel():
+            key = next((k for k in groups if k[0] == g.dtype), (g.dtype, torch.float32))
+            groups.setdefault(key, ([], [], []))[2].append(g)
+    for shared, imps, heads in groups.values():
+        _launch(shared, imps, heads, scale)
+
+
+@soft_mask_.register_fake
+def _(grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor) -> None:
+    return None
