@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -132,6 +132,22 @@ class SPG:
         self._users.pop(optimizer, None)
 
     # -------------------------------------------------------------- masking
+    def _factor(self, p: Tensor) -> Tensor | None:
+        """The mask factor of parameter ``p`` (None for a head); picks up heads added since the last look."""
+        if p not in self._slots:
+            self._refresh_partition()
+            if p not in self._slots:
+                raise ValueError(f"SPG: parameter {self._name_of(p) or tuple(p.shape)!r} has a gradient but is "
+                                 "neither shared nor a head of the SPG model")
+        return self._slots[p]
+
+    def mask_plan(self, params: Sequence[Tensor]) -> tuple[list[Tensor | None], Tensor] | None:
+        """How to mask ``params``: None before the first ``end_task``; else, per parameter, its backend's mask
+        factor (``spg_fast.backend.Ops.mask_factors``; None for a head) and the head scale. For fused optimizers."""
+        if self._head_scale is None:
+            return None
+        return [self._factor(p) for p in params], self._head_scale
+
     @torch.no_grad()
     def mask_gradients(self, params: Iterable[Tensor] | None = None) -> None:
         """Soft-mask the gradients of ``params`` (default: every shared and head parameter) in place.
@@ -148,15 +164,10 @@ class SPG:
             g = p.grad
             if g is None:
                 continue
-            if p not in self._slots:
-                self._refresh_partition()
-                if p not in self._slots:
-                    raise ValueError(f"SPG.mask_gradients: parameter {self._name_of(p) or tuple(p.shape)!r} has a "
-                                     "gradient but is neither shared nor a head of the SPG model")
+            factor = self._factor(p)
             if g.is_sparse:
                 raise TypeError(f"SPG.mask_gradients: parameter {self._name_of(p)!r} has a sparse gradient, "
                                 "which SPG does not support")
-            factor = self._slots[p]
             if factor is None:
                 head_grads.append(g)
             else:

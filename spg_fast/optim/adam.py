@@ -1,0 +1,124 @@
+"""Adam and AdamW with SPG's mask read inside the update: ``spg_fast.optim.Adam`` / ``AdamW``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spg_fast.optim.base import MaskedOptimizer, check_hyperparameters
+from spg_fast.spg import SPG
+
+
+def adam_foreach(params: list[Tensor], grads: list[Tensor], keeps: list[Tensor] | None, exp_avgs: list[Tensor],
+                 exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float,
+                 beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
+                 maximize: bool) -> None:
+    """torch's foreach Adam(W) on the masked gradient. The masked gradient is formed once, into the temporary that
+    torch itself allocates for maximize or weight decay; ``steps`` are CPU tensors (no device sync)."""
+    torch._foreach_add_(steps, 1)
+    if keeps is not None:
+        g = torch._foreach_mul(grads, keeps)
+        if maximize:
+            torch._foreach_neg_(g)
+    else:
+        g = torch._foreach_neg(grads) if maximize else grads
+    if weight_decay:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        elif g is grads:
+            g = torch._foreach_add(g, params, alpha=weight_decay)
+        else:
+            torch._foreach_add_(g, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
+    counts = [s.item() for s in steps]
+    step_sizes = [-lr / (1 - beta1**n) for n in counts]
+    bias2_sqrt = [math.sqrt(1 - beta2**n) for n in counts]
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        denom = torch._foreach_sqrt(max_exp_avg_sqs)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+class Adam(MaskedOptimizer):
+    """``torch.optim.Adam`` (amsgrad, weight decay, maximize; ``decoupled_weight_decay`` for AdamW) updating with
+    the SPG-masked gradient, in one pass per parameter on the Triton backend. State keys are torch's (``step``,
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints interchange with torch's Adam/AdamW."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, spg: SPG, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False, backend: str = "auto") -> None:
+        check_hyperparameters(lr=lr, eps=eps, weight_decay=weight_decay)
+        for i, beta in enumerate(betas):
+            if isinstance(beta, Tensor) or not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, spg, backend)
+        self.register_load_state_dict_post_hook(Adam._place_steps)
+
+    def _step_device(self, p: Tensor) -> torch.device:
+        """Step counts live with the parameter for the kernels (read on the device), on the CPU otherwise."""
+        return p.device if self.fused_kernels else torch.device("cpu")
+
+    def _place_steps(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(self._step_device(p))
+
+    def _state(self, p: Tensor, amsgrad: bool) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def update_group(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None,
+                     found_inf: Tensor | None) -> None:
+        amsgrad = group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     decoupled=group["decoupled_weight_decay"], amsgrad=amsgrad, maximize=group["maximize"])
+
+        def lists(batch: list[Tensor]) -> tuple[list[Tensor], ...]:
+            states = [self._state(p, amsgrad) for p in batch]
+            return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states])
+
+        if not self.fused_kernels:
+            adam_foreach(params, [p.grad for p in params], self.keep_factors(params), *lists(params), **hyper)
+            return
+        from spg_fast.kernels.optimizer_steps import adam_step_
+
+        for batch, importances, scale in self.fused_batches(params):
+            exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists(batch)
+            torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf)
+            adam_step_(batch, [p.grad for p in batch], importances, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       scale, grad_scale, found_inf, **hyper)
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` (decoupled weight decay, default 1e-2) with SPG's mask; see ``Adam``."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, spg: SPG, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, backend: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, spg=spg, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend)
