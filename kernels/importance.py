@@ -20,8 +20,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, dense, dense_like, first_tiles, pointer_table, tile_table
+from spg_fast.kernels.multi_tensor import (
+    BLOCK,
+    NUM_WARPS,
+    aligned,
+    dense,
+    dense_like,
+    first_tiles,
+    pointer_table,
+    tile_table,
+)
 from spg_fast.kernels.rounding import round_to
+from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
@@ -32,28 +42,32 @@ _COMBINE_BLOCK = 1024
 
 
 @triton.jit
-def _tile_stats(h_ptrs, numels, tile_tensor, tile_start, partials, DT: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(tile_tensor + pid)
-    start = tl.load(tile_start + pid)
-    n = tl.load(numels + t)
-    h = tl.load(h_ptrs + t).to(tl.pointer_type(DT))
-    offs = start + tl.arange(0, BLOCK)
-    inside = offs < n
-    x = tl.load(h + offs, mask=inside, other=0.0).to(tl.float64)
+def _stats_tile(h, offs, inside, row, MASKED: tl.constexpr):
+    x = load(h, offs, inside, MASKED).to(tl.float64)
     finite = tl.abs(x) < float("inf")
     ok = inside & finite
     d = tl.where(ok, x - tl.load(h).to(tl.float64), 0.0)
     count = tl.sum(ok.to(tl.float64), axis=0)
     total = tl.sum(d, axis=0)
     dev = tl.where(ok, d - total / tl.maximum(count, 1.0), 0.0)
-    row = partials + pid.to(tl.int64) * 6
     tl.store(row + 0, count)
     tl.store(row + 1, total)
     tl.store(row + 2, tl.sum(dev * dev, axis=0))
     tl.store(row + 3, tl.min(tl.where(ok, d, float("inf")), axis=0))
     tl.store(row + 4, tl.max(tl.where(ok, d, -float("inf")), axis=0))
     tl.store(row + 5, tl.sum((inside & ~finite).to(tl.float64), axis=0))
+
+
+@triton.jit
+def _tile_stats(h_ptrs, numels, tile_tensor, tile_start, partials, DT: tl.constexpr, BLOCK: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
+    h = tensor_ptr(h_ptrs, t, DT, ALIGNED)
+    row = partials + tl.program_id(0).to(tl.int64) * 6
+    if full:
+        _stats_tile(h, offs, offs < n, row, False)
+    else:
+        _stats_tile(h, offs, offs < n, row, True)
 
 
 @triton.jit
@@ -94,26 +108,29 @@ def _combine(partials, first_tile, n_tiles, stats, CBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _update(h_ptrs, a_ptrs, numels, tile_tensor, tile_start, stats, DT: tl.constexpr, ADT: tl.constexpr,
-            BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(tile_tensor + pid)
-    start = tl.load(tile_start + pid)
-    n = tl.load(numels + t)
-    row = stats + t * 3
-    mean = tl.load(row + 0)
-    inv_std = tl.load(row + 1)
-    bad = tl.load(row + 2)
-    h = tl.load(h_ptrs + t).to(tl.pointer_type(DT))
-    a_ptr = tl.load(a_ptrs + t).to(tl.pointer_type(ADT))
-    offs = start + tl.arange(0, BLOCK)
-    live = offs < tl.where(bad == 0.0, n, 0)  # a tensor with a non-finite value is left untouched
-    x = tl.load(h + offs, mask=live, other=0.0).to(tl.float64)
+def _update_tile(h, a_ptr, offs, inside, mean, inv_std, ADT: tl.constexpr, MASKED: tl.constexpr):
+    x = load(h, offs, inside, MASKED).to(tl.float64)
     z = tl.abs(x - tl.load(h).to(tl.float64) - mean) * inv_std
     e = tl.exp(-2.0 * z)
     g = ((1.0 - e) / (1.0 + e)).to(tl.float32)
-    a = tl.load(a_ptr + offs, mask=live, other=0.0).to(tl.float32)
-    tl.store(a_ptr + offs, round_to(tl.maximum(a, g), ADT), mask=live)
+    a = load(a_ptr, offs, inside, MASKED).to(tl.float32)
+    store(a_ptr, offs, round_to(tl.maximum(a, g), ADT), inside, MASKED)
+
+
+@triton.jit
+def _update(h_ptrs, a_ptrs, numels, tile_tensor, tile_start, stats, DT: tl.constexpr, ADT: tl.constexpr,
+            BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
+    row = stats + t * 3
+    mean = tl.load(row + 0)
+    inv_std = tl.load(row + 1)
+    h = tensor_ptr(h_ptrs, t, DT, ALIGNED)
+    a_ptr = tensor_ptr(a_ptrs, t, ADT, ALIGNED)
+    if tl.load(row + 2) == 0.0:  # a tensor holding a non-finite value is left untouched
+        if full:
+            _update_tile(h, a_ptr, offs, offs < n, mean, inv_std, ADT, False)
+        else:
+            _update_tile(h, a_ptr, offs, offs < n, mean, inv_std, ADT, True)
 
 
 def _check(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -140,13 +157,14 @@ def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
     h_ptrs = pointer_table(hs, device)
     partials = torch.empty(tile_tensor.numel(), _PARTIALS, dtype=torch.float64, device=device)
     dt, adt = _TL[hs[0].dtype], _TL[work[0].dtype]
+    is_aligned = aligned(hs + work)
     _tile_stats[(tile_tensor.numel(),)](h_ptrs, numels, tile_tensor, tile_start, partials, DT=dt, BLOCK=BLOCK,
-                                        num_warps=NUM_WARPS)
+                                        ALIGNED=is_aligned, num_warps=NUM_WARPS)
     first, counts = first_tiles(hs, device)
     stats = torch.empty(len(hs), _STATS, dtype=torch.float64, device=device)
     _combine[(len(hs),)](partials, first, counts, stats, CBLOCK=_COMBINE_BLOCK, num_warps=NUM_WARPS)
     _update[(tile_tensor.numel(),)](h_ptrs, pointer_table(work, device), numels, tile_tensor, tile_start, stats,
-                                    DT=dt, ADT=adt, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                    DT=dt, ADT=adt, BLOCK=BLOCK, ALIGNED=is_aligned, num_warps=NUM_WARPS)
     for a, w in zip(accs, work, strict=True):
         if w is not a:
             a.copy_(w)

@@ -17,23 +17,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, dense, dense_like, pointer_table, tile_table
+from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, aligned, dense, dense_like, pointer_table, tile_table
 from spg_fast.kernels.rounding import round_to
+from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def _masked_grad(t, offs, inside, g_ptrs, a_ptrs, scale_ptr, n_shared, grad_scale_ptr, PDT: tl.constexpr,
-                 ADT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+def _masked_grad(g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, grad_scale_ptr, HAS_MASK: tl.constexpr,
+                 HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
     """The gradient as torch's optimizer would see it after SPG masking (and GradScaler unscaling), in float32."""
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(PDT)) + offs, mask=inside, other=0.0).to(tl.float32)
+    g = load(g_ptr, offs, inside, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr)
     if HAS_MASK:
-        if t < n_shared:
-            a = tl.load(tl.load(a_ptrs + t).to(tl.pointer_type(ADT)) + offs, mask=inside, other=0.0)
-            g = g * (1.0 - a.to(tl.float32))
+        if is_shared:
+            g = g * (1.0 - load(a_ptr, offs, inside, MASKED).to(tl.float32))
         else:
             g = g * tl.load(scale_ptr)
     if MAXIMIZE:
@@ -42,41 +42,83 @@ def _masked_grad(t, offs, inside, g_ptrs, a_ptrs, scale_ptr, n_shared, grad_scal
 
 
 @triton.jit
-def _live_count(t, numels, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
-    """Elements of tensor ``t`` to update: none when GradScaler found an inf or NaN this step."""
-    n = tl.load(numels + t)
+def _tile(tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile; no element is live when GradScaler found an inf or NaN this step."""
+    t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
     if HAS_FOUND_INF:
-        n = tl.where(tl.load(found_inf_ptr) == 0.0, n, 0)
-    return n
+        skip = tl.load(found_inf_ptr) != 0.0
+        n = tl.where(skip, 0, n)
+        full = full & ~skip
+    return t, offs, n, full
 
 
 @triton.jit
-def _sgd_step(p_ptrs, g_ptrs, a_ptrs, buf_ptrs, first, numels, tile_tensor, tile_start, scale_ptr, n_shared,
-              grad_scale_ptr, found_inf_ptr, lr, weight_decay, momentum, dampening, PDT: tl.constexpr,
-              ADT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-              HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(tile_tensor + pid)
-    offs = tl.load(tile_start + pid) + tl.arange(0, BLOCK)
-    inside = offs < _live_count(t, numels, found_inf_ptr, HAS_FOUND_INF)
-    g = _masked_grad(t, offs, inside, g_ptrs, a_ptrs, scale_ptr, n_shared, grad_scale_ptr, PDT, ADT, HAS_MASK,
-                     HAS_GRAD_SCALE, MAXIMIZE)
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDT))
-    p = tl.load(p_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+def _sgd_tile(p_ptr, g_ptr, a_ptr, buf_ptr, first, offs, inside, is_shared, scale_ptr, grad_scale_ptr, lr,
+              weight_decay, momentum, dampening, PDT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WD: tl.constexpr,
+              HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+              HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    g = _masked_grad(g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, grad_scale_ptr, HAS_MASK, HAS_GRAD_SCALE,
+                     MAXIMIZE, MASKED)
+    p = load(p_ptr, offs, inside, MASKED).to(tl.float32)
     if HAS_WD:
         g = g + weight_decay * p
     if HAS_MOMENTUM:
-        buf_ptr = tl.load(buf_ptrs + t).to(tl.pointer_type(PDT))
-        buf = tl.load(buf_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        buf = tl.where(tl.load(first + t) != 0, g, buf * momentum + (1.0 - dampening) * g)
-        buf = round_to(buf, PDT)
-        tl.store(buf_ptr + offs, buf, mask=inside)
+        buf = load(buf_ptr, offs, inside, MASKED).to(tl.float32)
+        buf = round_to(tl.where(first, g, buf * momentum + (1.0 - dampening) * g), PDT)
+        store(buf_ptr, offs, buf, inside, MASKED)
         if NESTEROV:
             g = g + momentum * buf.to(tl.float32)
         else:
             g = buf.to(tl.float32)
-    tl.store(p_ptr + offs, round_to(p - lr * g, PDT), mask=inside)
+    store(p_ptr, offs, round_to(p - lr * g, PDT), inside, MASKED)
+
+
+@triton.jit
+def _sgd_step(p_ptrs, g_ptrs, a_ptrs, buf_ptrs, first_flags, numels, tile_tensor, tile_start, scale_ptr, n_shared,
+              grad_scale_ptr, found_inf_ptr, lr, weight_decay, momentum, dampening, PDT: tl.constexpr,
+              ADT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+              HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, offs, n, full = _tile(tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF, BLOCK)
+    p_ptr = tensor_ptr(p_ptrs, t, PDT, ALIGNED)
+    g_ptr = tensor_ptr(g_ptrs, t, PDT, ALIGNED)
+    a_ptr = tensor_ptr(a_ptrs, t, ADT, ALIGNED)
+    buf_ptr = tensor_ptr(buf_ptrs, t, PDT, ALIGNED)
+    first = tl.load(first_flags + t) != 0
+    if full:
+        _sgd_tile(p_ptr, g_ptr, a_ptr, buf_ptr, first, offs, offs < n, t < n_shared, scale_ptr, grad_scale_ptr, lr,
+                  weight_decay, momentum, dampening, PDT, HAS_MASK, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                  HAS_GRAD_SCALE, False)
+    else:
+        _sgd_tile(p_ptr, g_ptr, a_ptr, buf_ptr, first, offs, offs < n, t < n_shared, scale_ptr, grad_scale_ptr, lr,
+                  weight_decay, momentum, dampening, PDT, HAS_MASK, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                  HAS_GRAD_SCALE, True)
+
+
+@triton.jit
+def _adam_tile(p_ptr, g_ptr, a_ptr, m_ptr, v_ptr, vmax_ptr, offs, inside, is_shared, scale_ptr, grad_scale_ptr,
+               lr, beta1, beta2, eps, weight_decay, step_size, bias2_sqrt, PDT: tl.constexpr, HAS_MASK: tl.constexpr,
+               HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+               HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    g = _masked_grad(g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, grad_scale_ptr, HAS_MASK, HAS_GRAD_SCALE,
+                     MAXIMIZE, MASKED)
+    p = load(p_ptr, offs, inside, MASKED).to(tl.float32)
+    if DECOUPLED:
+        p = p * (1.0 - lr * weight_decay)
+    elif HAS_WD:
+        g = g + weight_decay * p
+    m = load(m_ptr, offs, inside, MASKED).to(tl.float32)
+    v = load(v_ptr, offs, inside, MASKED).to(tl.float32)
+    m = round_to(m + (1.0 - beta1) * (g - m), PDT)
+    v = round_to(v * beta2 + (1.0 - beta2) * g * g, PDT)
+    store(m_ptr, offs, m, inside, MASKED)
+    store(v_ptr, offs, v, inside, MASKED)
+    v = v.to(tl.float32)
+    if AMSGRAD:
+        v = tl.maximum(load(vmax_ptr, offs, inside, MASKED).to(tl.float32), v)
+        store(vmax_ptr, offs, v.to(PDT), inside, MASKED)
+    denom = tl.sqrt_rn(v) / bias2_sqrt + eps
+    store(p_ptr, offs, round_to(p - step_size * m.to(tl.float32) / denom, PDT), inside, MASKED)
 
 
 @triton.jit
@@ -84,41 +126,30 @@ def _adam_step(p_ptrs, g_ptrs, a_ptrs, m_ptrs, v_ptrs, vmax_ptrs, step_ptrs, num
                scale_ptr, n_shared, grad_scale_ptr, found_inf_ptr, lr, beta1, beta2, log_beta1, log_beta2, eps,
                weight_decay, PDT: tl.constexpr, ADT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WD: tl.constexpr,
                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-               HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(tile_tensor + pid)
-    offs = tl.load(tile_start + pid) + tl.arange(0, BLOCK)
-    inside = offs < _live_count(t, numels, found_inf_ptr, HAS_FOUND_INF)
-    g = _masked_grad(t, offs, inside, g_ptrs, a_ptrs, scale_ptr, n_shared, grad_scale_ptr, PDT, ADT, HAS_MASK,
-                     HAS_GRAD_SCALE, MAXIMIZE)
+               HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+               ALIGNED: tl.constexpr):
+    t, offs, n, full = _tile(tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF, BLOCK)
     step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32))).to(tl.float64)
-    bias1 = 1.0 - tl.exp(step * log_beta1)
-    bias2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2))
-    step_size = (lr / bias1).to(tl.float32)
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(PDT))
-    p = tl.load(p_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    if DECOUPLED:
-        p = p * (1.0 - lr * weight_decay)
-    elif HAS_WD:
-        g = g + weight_decay * p
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(PDT))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(PDT))
-    m = tl.load(m_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    m = round_to(m + (1.0 - beta1) * (g - m), PDT).to(tl.float32)
-    v = round_to(v * beta2 + (1.0 - beta2) * g * g, PDT).to(tl.float32)
-    tl.store(m_ptr + offs, m.to(PDT), mask=inside)
-    tl.store(v_ptr + offs, v.to(PDT), mask=inside)
-    if AMSGRAD:
-        vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(PDT))
-        v = tl.maximum(tl.load(vmax_ptr + offs, mask=inside, other=0.0).to(tl.float32), v)
-        tl.store(vmax_ptr + offs, v.to(PDT), mask=inside)
-    denom = tl.sqrt_rn(v) / bias2_sqrt.to(tl.float32) + eps
-    tl.store(p_ptr + offs, round_to(p - step_size * m / denom, PDT), mask=inside)
+    step_size = (lr / (1.0 - tl.exp(step * log_beta1))).to(tl.float32)
+    bias2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2)).to(tl.float32)
+    p_ptr = tensor_ptr(p_ptrs, t, PDT, ALIGNED)
+    g_ptr = tensor_ptr(g_ptrs, t, PDT, ALIGNED)
+    a_ptr = tensor_ptr(a_ptrs, t, ADT, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, PDT, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, PDT, ALIGNED)
+    vmax_ptr = tensor_ptr(vmax_ptrs, t, PDT, ALIGNED)
+    if full:
+        _adam_tile(p_ptr, g_ptr, a_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < n, t < n_shared, scale_ptr,
+                   grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, step_size, bias2_sqrt, PDT, HAS_MASK, HAS_WD,
+                   DECOUPLED, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False)
+    else:
+        _adam_tile(p_ptr, g_ptr, a_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < n, t < n_shared, scale_ptr,
+                   grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, step_size, bias2_sqrt, PDT, HAS_MASK, HAS_WD,
+                   DECOUPLED, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, True)
 
 
-def _tables(device: torch.device, *lists: list[Tensor | None]) -> list[Tensor]:
-    return [pointer_table(tensors, device) for tensors in lists]
+def _tables(device: torch.device, length: int, *lists: list[Tensor | None]) -> list[Tensor]:
+    return [pointer_table(tensors, device, length) for tensors in lists]
 
 
 def _scalar_or_dummy(t: Tensor | None, device: torch.device) -> Tensor:
@@ -140,7 +171,8 @@ def _common(params: list[Tensor], grads: list[Tensor], factors: list[Tensor] | N
         found_inf=_scalar_or_dummy(found_inf, device),
         flags=dict(PDT=_TL[params[0].dtype], ADT=_TL[work_a[0].dtype] if work_a else tl.float32,
                    HAS_MASK=scale is not None, HAS_GRAD_SCALE=grad_scale is not None,
-                   HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, num_warps=NUM_WARPS),
+                   HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
+                   ALIGNED=aligned(work_p + work_g + work_a), num_warps=NUM_WARPS),
     )
     return device, work_p, work_g, work_a, args
 
@@ -163,7 +195,7 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tenso
         return
     device, work_p, work_g, work_a, args = _common(params, grads, importances, scale, grad_scale, found_inf)
     work_b = [dense_like(b, p) for b, p in zip(momentum_buffers, work_p, strict=False)]
-    p_t, g_t, a_t, b_t = _tables(device, work_p, work_g, work_a, work_b)
+    p_t, g_t, a_t, b_t = _tables(device, len(params), work_p, work_g, work_a, work_b)
     first = torch.tensor(first_step or [False] * len(params), dtype=torch.int8).to(device, non_blocking=True)
     tile_tensor, tile_start, numels = args["tables"]
     _sgd_step[(tile_tensor.numel(),)](
@@ -189,7 +221,7 @@ def adam_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tens
     work_m = [dense_like(m, p) for m, p in zip(exp_avgs, work_p, strict=True)]
     work_v = [dense_like(v, p) for v, p in zip(exp_avg_sqs, work_p, strict=True)]
     work_vmax = [dense_like(v, p) for v, p in zip(max_exp_avg_sqs, work_p, strict=False)]
-    tables = _tables(device, work_p, work_g, work_a, work_m, work_v, work_vmax, list(steps))
+    tables = _tables(device, len(params), work_p, work_g, work_a, work_m, work_v, work_vmax, list(steps))
     tile_tensor, tile_start, numels = args["tables"]
     _adam_step[(tile_tensor.numel(),)](
         *tables, numels, tile_tensor, tile_start, args["scale"], len(work_a), args["grad_scale"],

@@ -14,31 +14,31 @@ from torch import Tensor
 from spg_fast.kernels.importance import GRAD_DTYPES, IMPORTANCE_DTYPES
 from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, aligned, dense, dense_like, pointer_table, tile_table
 from spg_fast.kernels.rounding import round_to
+from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def _soft_mask(g_ptrs, a_ptrs, numels, tile_tensor, tile_start, scale_ptr, n_shared, GDT: tl.constexpr,
-               ADT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(tile_tensor + pid)
-    start = tl.load(tile_start + pid)
-    n = tl.load(numels + t)
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(GDT))
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-    offs = start + tl.arange(0, BLOCK)
-    inside = offs < n
-    g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    if t < n_shared:
-        a_ptr = tl.load(a_ptrs + t).to(tl.pointer_type(ADT))
-        if ALIGNED:
-            a_ptr = tl.multiple_of(a_ptr, 16)
-        out = g * (1.0 - tl.load(a_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+def _soft_mask_tile(g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, GDT: tl.constexpr, MASKED: tl.constexpr):
+    g = load(g_ptr, offs, inside, MASKED).to(tl.float32)
+    if is_shared:
+        out = g * (1.0 - load(a_ptr, offs, inside, MASKED).to(tl.float32))
     else:
         out = g * tl.load(scale_ptr)
-    tl.store(g_ptr + offs, round_to(out, GDT), mask=inside)
+    store(g_ptr, offs, round_to(out, GDT), inside, MASKED)
+
+
+@triton.jit
+def _soft_mask(g_ptrs, a_ptrs, numels, tile_tensor, tile_start, scale_ptr, n_shared, GDT: tl.constexpr,
+               ADT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
+    g_ptr = tensor_ptr(g_ptrs, t, GDT, ALIGNED)
+    a_ptr = tensor_ptr(a_ptrs, t, ADT, ALIGNED)
+    if full:
+        _soft_mask_tile(g_ptr, a_ptr, scale_ptr, offs, offs < n, t < n_shared, GDT, False)
+    else:
+        _soft_mask_tile(g_ptr, a_ptr, scale_ptr, offs, offs < n, t < n_shared, GDT, True)
 
 
 def _check(grads: Sequence[Tensor], importances: Sequence[Tensor], head_grads: Sequence[Tensor],
@@ -70,8 +70,8 @@ def _launch(grads: list[Tensor], importances: list[Tensor], head_grads: list[Ten
     tile_tensor, tile_start, numels = tile_table(work_g, device)
     adt = _TL[work_a[0].dtype] if work_a else tl.float32
     _soft_mask[(tile_tensor.numel(),)](
-        pointer_table(work_g, device), pointer_table(work_a, device), numels, tile_tensor, tile_start, scale,
-        len(work_a), GDT=_TL[work_g[0].dtype], ADT=adt, BLOCK=BLOCK, ALIGNED=aligned(work_g + work_a),
+        pointer_table(work_g, device), pointer_table(work_a, device, len(work_g)), numels, tile_tensor, tile_start,
+        scale, len(work_a), GDT=_TL[work_g[0].dtype], ADT=adt, BLOCK=BLOCK, ALIGNED=aligned(work_g + work_a),
         num_warps=NUM_WARPS)
     for g, w in zip([*grads, *head_grads], work_g, strict=True):
         if w is not g:
