@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 run: install
-	$(PY) examples/digits.py
+	$(VENV)/bin/spg-fast run
 
 test: install
 	$(PY) -m pytest -q

@@ -13,9 +13,10 @@ def round_to(x, DT: tl.constexpr):
     """``x`` (float32) rounded to nearest even in ``DT`` (float32, bfloat16 or float16)."""
     if tl.bfloat16 == DT:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        out = tl.where(x == x, rounded, float("nan"))
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # NaN is chosen in the integer domain: triton 3.6's interpreter cannot build a bfloat16 constant.
+        rounded = tl.where(x == x, rounded, 0x7FC0)
+        out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         out = x.to(DT)
     return out
