@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from spg_fast import reference
+from spg_fast import optim, reference
 from spg_fast.backend import BACKENDS
 from spg_fast.optimizer import AttachHandle, SPGOptimizer
 from spg_fast.spg import SPG
@@ -12,4 +12,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["BACKENDS", "SPG", "AttachHandle", "SPGOptimizer", "__version__", "reference"]
+__all__ = ["BACKENDS", "SPG", "AttachHandle", "SPGOptimizer", "__version__", "optim", "reference"]

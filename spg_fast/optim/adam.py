@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -12,46 +11,11 @@ from spg_fast.optim.base import MaskedOptimizer, check_hyperparameters
 from spg_fast.spg import SPG
 
 
-def adam_foreach(params: list[Tensor], grads: list[Tensor], keeps: list[Tensor] | None, exp_avgs: list[Tensor],
-                 exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float,
-                 beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
-                 maximize: bool) -> None:
-    """torch's foreach Adam(W) on the masked gradient. The masked gradient is formed once, into the temporary that
-    torch itself allocates for maximize or weight decay; ``steps`` are CPU tensors (no device sync)."""
-    torch._foreach_add_(steps, 1)
-    if keeps is not None:
-        g = torch._foreach_mul(grads, keeps)
-        if maximize:
-            torch._foreach_neg_(g)
-    else:
-        g = torch._foreach_neg(grads) if maximize else grads
-    if weight_decay:
-        if decoupled:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        elif g is grads:
-            g = torch._foreach_add(g, params, alpha=weight_decay)
-        else:
-            torch._foreach_add_(g, params, alpha=weight_decay)
-    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
-    counts = [s.item() for s in steps]
-    step_sizes = [-lr / (1 - beta1**n) for n in counts]
-    bias2_sqrt = [math.sqrt(1 - beta2**n) for n in counts]
-    if amsgrad:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-        denom = torch._foreach_sqrt(max_exp_avg_sqs)
-    else:
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-
-
 class Adam(MaskedOptimizer):
     """``torch.optim.Adam`` (amsgrad, weight decay, maximize; ``decoupled_weight_decay`` for AdamW) updating with
-    the SPG-masked gradient, in one pass per parameter on the Triton backend. State keys are torch's (``step``,
-    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints interchange with torch's Adam/AdamW."""
+    the SPG-masked gradient: one pass per parameter on the Triton backend, mask + torch's fused kernel on the
+    torch backend. State keys are torch's (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; steps on the
+    parameter's device, as torch's fused Adam keeps them), so checkpoints interchange with torch's Adam/AdamW."""
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *, spg: SPG, foreach: bool | None = None,
@@ -67,21 +31,18 @@ class Adam(MaskedOptimizer):
         super().__init__(params, defaults, spg, backend)
         self.register_load_state_dict_post_hook(Adam._place_steps)
 
-    def _step_device(self, p: Tensor) -> torch.device:
-        """Step counts live with the parameter for the kernels (read on the device), on the CPU otherwise."""
-        return p.device if self.fused_kernels else torch.device("cpu")
-
     def _place_steps(self) -> None:
+        """Step counts live on the parameter's device (the kernels read them there), whatever the checkpoint had."""
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "step" in state:
-                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(self._step_device(p))
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
 
     def _state(self, p: Tensor, amsgrad: bool) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
@@ -100,16 +61,21 @@ class Adam(MaskedOptimizer):
             return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states])
 
-        if not self.fused_kernels:
-            adam_foreach(params, [p.grad for p in params], self.keep_factors(params), *lists(params), **hyper)
-            return
-        from spg_fast.kernels.optimizer_steps import adam_step_
+        if self.fused_kernels:
+            from spg_fast.kernels.optimizer_steps import adam_step_
 
-        for batch, importances, scale in self.fused_batches(params):
-            exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists(batch)
-            torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf)
-            adam_step_(batch, [p.grad for p in batch], importances, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                       scale, grad_scale, found_inf, **hyper)
+            for batch, importances, scale in self.fused_batches(params):
+                exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists(batch)
+                torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf)
+                adam_step_(batch, [p.grad for p in batch], importances, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                           steps, scale, grad_scale, found_inf, **hyper)
+            return
+        self.spg.mask_gradients(params)
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists(params)
+        torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf)
+        fused = torch._fused_adamw_ if hyper.pop("decoupled") else torch._fused_adam_
+        fused(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+              grad_scale=grad_scale, found_inf=found_inf, **hyper)
 
 
 class AdamW(Adam):
