@@ -162,6 +162,7 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[[Problem], Callable[[], object]]]]
         "mask + torch fused": _masked_then(lambda p: torch.optim.SGD(p, fused=True, **SGD)),
         "torch.compile(mask + step)": _compiled_masked(lambda p: torch.optim.SGD(p, foreach=True, **SGD)),
         "unmasked torch fused": _plain(lambda p: torch.optim.SGD(p, fused=True, **SGD)),
+        "unmasked torch foreach": _plain(lambda p: torch.optim.SGD(p, foreach=True, **SGD)),
     },
     "adamw_masked": {
         "spg-fast fused": _fused(spg_fast.optim.AdamW, **ADAMW),
@@ -169,6 +170,7 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[[Problem], Callable[[], object]]]]
         "mask + torch fused": _masked_then(lambda p: torch.optim.AdamW(p, fused=True, **ADAMW)),
         "torch.compile(mask + step)": _compiled_masked(lambda p: torch.optim.AdamW(p, foreach=True, **ADAMW)),
         "unmasked torch fused": _plain(lambda p: torch.optim.AdamW(p, fused=True, **ADAMW)),
+        "unmasked torch foreach": _plain(lambda p: torch.optim.AdamW(p, foreach=True, **ADAMW)),
     },
     "importance": {
         "spg-fast": _spg_importance,

@@ -28,6 +28,13 @@ class SGD(MaskedOptimizer):
                         fused=fused)
         super().__init__(params, defaults, spg, backend)
 
+    def _momentum_buffer(self, p: Tensor, new: Any) -> Tensor:
+        """``p``'s momentum buffer, created with ``new(p)`` only when it has none yet."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = new(p)
+        return state["momentum_buffer"]
+
     def update_group(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None,
                      found_inf: Tensor | None) -> None:
         hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
@@ -37,11 +44,8 @@ class SGD(MaskedOptimizer):
             from spg_fast.kernels.optimizer_steps import sgd_step_
 
             for batch, importances, scale in self.fused_batches(params):
-                bufs, first = [], []
-                if momentum:
-                    for p in batch:
-                        first.append("momentum_buffer" not in self.state[p])
-                        bufs.append(self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)))
+                first = [momentum != 0 and "momentum_buffer" not in self.state[p] for p in batch]
+                bufs = [self._momentum_buffer(p, torch.zeros_like) for p in batch] if momentum else []
                 sgd_step_(batch, [p.grad for p in batch], importances, bufs, first, scale, grad_scale, found_inf,
                           **hyper)
             return
@@ -56,6 +60,6 @@ class SGD(MaskedOptimizer):
         later = [p for p in params if "momentum_buffer" in self.state[p]]
         for batch, is_first in ((first, True), (later, False)):
             if batch:
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p)) for p in batch]
+                bufs = [self._momentum_buffer(p, torch.empty_like) for p in batch]
                 torch._fused_sgd_(batch, [p.grad for p in batch], bufs, is_first_step=is_first,
                                   grad_scale=grad_scale, found_inf=found_inf, **hyper)
