@@ -146,6 +146,19 @@ def _spg_importance(pr: Problem) -> Callable[[], None]:
     return lambda: ops.importance_max_(pr.importance, pr.grads)
 
 
+def _optimizer_competitors(ours: type, theirs: type, kwargs: dict) -> dict[str, Callable[[Problem], Callable]]:
+    """spg-fast's fused masked step against mask + torch's foreach and fused steps, the compiled masked step, and
+    torch's unmasked steps (the cost of the mask itself)."""
+    return {
+        "spg-fast fused": _fused(ours, **kwargs),
+        "mask + torch foreach": _masked_then(lambda p: theirs(p, foreach=True, **kwargs)),
+        "mask + torch fused": _masked_then(lambda p: theirs(p, fused=True, **kwargs)),
+        "torch.compile(mask + step)": _compiled_masked(lambda p: theirs(p, foreach=True, **kwargs)),
+        "unmasked torch fused": _plain(lambda p: theirs(p, fused=True, **kwargs)),
+        "unmasked torch foreach": _plain(lambda p: theirs(p, foreach=True, **kwargs)),
+    }
+
+
 SGD = dict(lr=1e-3, momentum=0.9)
 ADAMW = dict(lr=1e-3, weight_decay=1e-2)
 
@@ -156,22 +169,8 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[[Problem], Callable[[], object]]]]
         "torch._foreach_mul_": lambda pr: (lambda: torch._foreach_mul_(pr.grads, pr.keeps)),
         "torch.compile": lambda pr: torch.compile(_eager_mask(pr)),
     },
-    "sgd_momentum_masked": {
-        "spg-fast fused": _fused(spg_fast.optim.SGD, **SGD),
-        "mask + torch foreach": _masked_then(lambda p: torch.optim.SGD(p, foreach=True, **SGD)),
-        "mask + torch fused": _masked_then(lambda p: torch.optim.SGD(p, fused=True, **SGD)),
-        "torch.compile(mask + step)": _compiled_masked(lambda p: torch.optim.SGD(p, foreach=True, **SGD)),
-        "unmasked torch fused": _plain(lambda p: torch.optim.SGD(p, fused=True, **SGD)),
-        "unmasked torch foreach": _plain(lambda p: torch.optim.SGD(p, foreach=True, **SGD)),
-    },
-    "adamw_masked": {
-        "spg-fast fused": _fused(spg_fast.optim.AdamW, **ADAMW),
-        "mask + torch foreach": _masked_then(lambda p: torch.optim.AdamW(p, foreach=True, **ADAMW)),
-        "mask + torch fused": _masked_then(lambda p: torch.optim.AdamW(p, fused=True, **ADAMW)),
-        "torch.compile(mask + step)": _compiled_masked(lambda p: torch.optim.AdamW(p, foreach=True, **ADAMW)),
-        "unmasked torch fused": _plain(lambda p: torch.optim.AdamW(p, fused=True, **ADAMW)),
-        "unmasked torch foreach": _plain(lambda p: torch.optim.AdamW(p, foreach=True, **ADAMW)),
-    },
+    "sgd_momentum_masked": _optimizer_competitors(spg_fast.optim.SGD, torch.optim.SGD, SGD),
+    "adamw_masked": _optimizer_competitors(spg_fast.optim.AdamW, torch.optim.AdamW, ADAMW),
     "importance": {
         "spg-fast": _spg_importance,
         "reference": _importance_with(reference.importance_max_),

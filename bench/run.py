@@ -45,23 +45,44 @@ def _environment(device: torch.device, bandwidth: float) -> dict:
             "copy_bandwidth_GBps": bandwidth / 1e9}
 
 
-def measure(op: str, impl: str, shapes: list[tuple[int, ...]], label: str, dtype: torch.dtype,
-            device: torch.device, bandwidth: float) -> dict | None:
+def measure(op: str, impls: list[str], shapes: list[tuple[int, ...]], label: str, dtype: torch.dtype,
+            device: torch.device, bandwidth: float, rounds: int = 7) -> list[dict]:
+    """One row per implementation. When all implementations' inputs fit in memory together they are timed in
+    interleaved rounds (median of round medians), so that drift of the machine falls on each alike; otherwise one
+    after the other. Implementations whose inputs do not fit are skipped (not in the rows)."""
     numel = sum(torch.Size(s).numel() for s in shapes)
     per_element = bytes_model.bytes_per_element(BYTES_OP[op], torch.finfo(dtype).bits // 8)
     working_set = numel * (per_element + 8)  # plus the spg-fast state and torch's keep factors
     budget = int(0.5 * _free_bytes(device))
     if working_set > budget:
-        return None
-    copies = copies_to_rotate(working_set, device, budget)
-    problems = [make_problem(shapes, dtype, device) for _ in range(copies)]
-    steps = [IMPLEMENTATIONS[op][impl](pr) for pr in problems]
-    seconds = median_seconds(steps, device)
-    del steps, problems
-    gbps = numel * per_element / seconds / 1e9
-    return {"op": op, "impl": impl, "problem": label, "params": numel, "tensors": len(shapes),
-            "dtype": str(dtype).removeprefix("torch."), "seconds": seconds, "min_bytes": numel * per_element,
-            "GBps": gbps, "fraction_of_copy": gbps * 1e9 / bandwidth}
+        return []
+    copies = copies_to_rotate(working_set, device, budget // max(1, len(impls)))
+    together = working_set * copies * len(impls) <= budget
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+
+    def build(impl: str) -> list:
+        return [IMPLEMENTATIONS[op][impl](make_problem(shapes, dtype, device)) for _ in range(copies)]
+
+    if together:
+        steps = {impl: build(impl) for impl in impls}
+        for _ in range(rounds):
+            for impl in impls:
+                times[impl].append(median_seconds(steps[impl], device, min_repeats=5, min_time=0.05))
+        del steps
+    else:
+        for impl in impls:
+            steps = build(impl)
+            times[impl].append(median_seconds(steps, device))
+            del steps
+    rows = []
+    for impl in impls:
+        seconds = statistics.median(times[impl])
+        gbps = numel * per_element / seconds / 1e9
+        rows.append({"op": op, "impl": impl, "problem": label, "params": numel, "tensors": len(shapes),
+                     "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
+                     "min_bytes": numel * per_element, "GBps": gbps, "fraction_of_copy": gbps * 1e9 / bandwidth,
+                     "interleaved": together})
+    return rows
 
 
 def end_to_end(device: torch.device) -> list[dict]:
@@ -191,16 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     problems += [(name, MODEL_SHAPES[name]()) for name in args.models.split(",") if name]
     rows = []
     for op in args.ops.split(","):
+        impls = [i for i in IMPLEMENTATIONS[op] if not (args.no_compile and "compile" in i)]
         for label, shapes in problems:
-            for impl in IMPLEMENTATIONS[op]:
-                if args.no_compile and "compile" in impl:
-                    continue
-                row = measure(op, impl, shapes, label, dtype, device, bandwidth)
-                status = ("skipped (memory)" if row is None else
-                          f"{row['seconds'] * 1e3:9.3f} ms {row['GBps']:7.1f} GB/s")
-                print(f"{op:20} {label:18} {impl:28} {status}", flush=True)
-                if row:
-                    rows.append(row)
+            measured = measure(op, impls, shapes, label, dtype, device, bandwidth)
+            if not measured:
+                print(f"{op:20} {label:18} skipped (memory)", flush=True)
+            for row in measured:
+                print(f"{op:20} {label:18} {row['impl']:28} {row['seconds'] * 1e3:9.3f} ms {row['GBps']:7.1f} GB/s",
+                      flush=True)
+            rows += measured
     e2e = end_to_end(device) if args.e2e else []
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

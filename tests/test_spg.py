@@ -231,3 +231,21 @@ def test_bad_state_dicts_are_rejected_and_change_nothing(trained, how, message):
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(_corrupt(spg.state_dict(), how))
     _assert_same_state(target, saved)
+
+
+def test_bfloat16_importance_is_the_float32_importance_rounded():
+    """Rounding is monotone, so max-accumulating in bfloat16 equals rounding the float32 result: within 2**-9."""
+    torch.manual_seed(4)
+    model = MultiHeadNet()
+    tasks = make_tasks()
+    full = SPG(model, heads=model.heads)
+    half = SPG(model, heads=model.heads, importance_dtype=torch.bfloat16)
+    for task in range(2):
+        full.end_task(task, tasks[task])
+        half.end_task(task, tasks[task])
+    for name, a in full.importance.items():
+        assert half.importance[name].dtype == torch.bfloat16
+        assert torch.equal(half.importance[name], a.to(torch.bfloat16)), name
+        assert (half.importance[name].float() - a).abs().max() <= 2.0**-9
+    with pytest.raises(ValueError, match="importance_dtype must be"):
+        SPG(model, heads=model.heads, importance_dtype=torch.float16)
