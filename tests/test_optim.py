@@ -90,9 +90,10 @@ def test_before_the_first_task_nothing_is_masked(name, backend):
 @pytest.mark.parametrize("name", ["sgd-momentum-wd", "adam-amsgrad-wd-max"])
 def test_bfloat16_parameters_on_the_kernels(name):
     model, twin, _, _ = _run_pair(name, "triton", dtype=torch.bfloat16, steps=10)
-    # torch rounds to bfloat16 after every operation, the kernel once per step: a few bfloat16 ulps apart.
+    # torch rounds to bfloat16 after every operation, the kernel once per step; after 10 steps the largest
+    # difference measured was 2.0e-3, half a bfloat16 ulp at 1. Allowed: one ulp (2**-8 absolute, 2**-7 relative).
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(a.float(), b.float(), rtol=2.0**-7, atol=2.0**-8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
