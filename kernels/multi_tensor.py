@@ -75,14 +75,19 @@ def first_tiles(tensors: Sequence[Tensor], device: torch.device, block: int = BL
     return (torch.cumsum(counts, 0) - counts).to(device), counts.to(device)
 
 
-def pointer_table(tensors: Sequence[Tensor | None], device: torch.device, length: int | None = None) -> Tensor:
-    """Data pointers of ``tensors`` as an int64 tensor on ``device``, copied without a host sync; padded with 0
-    (for None, and up to ``length``) so that every program can read its entry in bounds."""
-    pointers = [0 if t is None else t.data_ptr() for t in tensors]
-    table = torch.tensor(pointers + [0] * ((length or 0) - len(pointers)), dtype=torch.int64)
+def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host-built table on ``device``, copied through pinned memory so the copy never blocks the host."""
+    table = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table
+
+
+def pointer_table(tensors: Sequence[Tensor | None], device: torch.device, length: int | None = None) -> Tensor:
+    """Data pointers of ``tensors`` as an int64 tensor on ``device``; padded with 0 (for None, and up to
+    ``length``) so that every program can read its entry in bounds."""
+    pointers = [0 if t is None else t.data_ptr() for t in tensors]
+    return to_device(pointers + [0] * ((length or 0) - len(pointers)), torch.int64, device)
 
 
 def aligned(tensors: Sequence[Tensor | None], nbytes: int = 16) -> bool:

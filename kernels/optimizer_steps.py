@@ -17,7 +17,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, aligned, dense, dense_like, pointer_table, tile_table
+from spg_fast.kernels.multi_tensor import (
+    BLOCK,
+    NUM_WARPS,
+    aligned,
+    dense,
+    dense_like,
+    pointer_table,
+    tile_table,
+    to_device,
+)
 from spg_fast.kernels.rounding import round_to
 from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
 
@@ -196,7 +205,7 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tenso
     device, work_p, work_g, work_a, args = _common(params, grads, importances, scale, grad_scale, found_inf)
     work_b = [dense_like(b, p) for b, p in zip(momentum_buffers, work_p, strict=False)]
     p_t, g_t, a_t, b_t = _tables(device, len(params), work_p, work_g, work_a, work_b)
-    first = torch.tensor(first_step or [False] * len(params), dtype=torch.int8).to(device, non_blocking=True)
+    first = to_device([int(f) for f in first_step] or [0] * len(params), torch.int8, device)
     tile_tensor, tile_start, numels = args["tables"]
     _sgd_step[(tile_tensor.numel(),)](
         p_t, g_t, a_t, b_t, first, numels, tile_tensor, tile_start, args["scale"], len(work_a),
