@@ -20,22 +20,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from spg_fast.backend import TRITON_GRAD_DTYPES, TRITON_IMPORTANCE_DTYPES
 from spg_fast.kernels.multi_tensor import (
     BLOCK,
     NUM_WARPS,
+    TL_DTYPES,
     aligned,
     dense,
     dense_like,
     first_tiles,
     pointer_table,
     tile_table,
+    write_back,
 )
 from spg_fast.kernels.rounding import round_to
 from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
 
-GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _PARTIALS = 6  # count, sum, centred sum of squares, min, max, non-finite count
 _STATS = 3  # mean (relative to the pivot), 1/std (0 where the importance is 0 by the spec), non-finite flag
 _COMBINE_BLOCK = 1024
@@ -139,11 +139,12 @@ def _check(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
         if a.shape != h.shape:
             raise ValueError(f"importance_max_: tensor {i} has shapes {tuple(a.shape)} and {tuple(h.shape)}")
-        if h.dtype not in GRAD_DTYPES:
-            raise TypeError(f"importance_max_ (triton): gradient {i} has dtype {h.dtype}; supported: {GRAD_DTYPES}")
-        if a.dtype not in IMPORTANCE_DTYPES:
+        if h.dtype not in TRITON_GRAD_DTYPES:
+            raise TypeError(f"importance_max_ (triton): gradient {i} has dtype {h.dtype}; "
+                            f"supported: {TRITON_GRAD_DTYPES}")
+        if a.dtype not in TRITON_IMPORTANCE_DTYPES:
             raise TypeError(f"importance_max_ (triton): accumulator {i} has dtype {a.dtype}; "
-                            f"supported: {IMPORTANCE_DTYPES}")
+                            f"supported: {TRITON_IMPORTANCE_DTYPES}")
         if a.device != h.device or a.device != accumulators[0].device:
             raise ValueError(f"importance_max_: tensor {i} is on {h.device} / {a.device}, expected one device")
 
@@ -156,7 +157,7 @@ def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
     tile_tensor, tile_start, numels = tile_table(hs, device)
     h_ptrs = pointer_table(hs, device)
     partials = torch.empty(tile_tensor.numel(), _PARTIALS, dtype=torch.float64, device=device)
-    dt, adt = _TL[hs[0].dtype], _TL[work[0].dtype]
+    dt, adt = TL_DTYPES[hs[0].dtype], TL_DTYPES[work[0].dtype]
     is_aligned = aligned(hs + work)
     _tile_stats[(tile_tensor.numel(),)](h_ptrs, numels, tile_tensor, tile_start, partials, DT=dt, BLOCK=BLOCK,
                                         ALIGNED=is_aligned, num_warps=NUM_WARPS)
@@ -165,9 +166,7 @@ def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
     _combine[(len(hs),)](partials, first, counts, stats, CBLOCK=_COMBINE_BLOCK, num_warps=NUM_WARPS)
     _update[(tile_tensor.numel(),)](h_ptrs, pointer_table(work, device), numels, tile_tensor, tile_start, stats,
                                     DT=dt, ADT=adt, BLOCK=BLOCK, ALIGNED=is_aligned, num_warps=NUM_WARPS)
-    for a, w in zip(accs, work, strict=True):
-        if w is not a:
-            a.copy_(w)
+    write_back(accs, work)
     return stats[:, 2] > 0
 
 

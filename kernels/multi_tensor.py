@@ -13,12 +13,15 @@ import functools
 from collections.abc import Sequence
 
 import torch
+import triton.language as tl
 from torch import Tensor
 
 # Elements per program. 1024 fp32 elements with 4 warps is 8 per thread: two 16-byte vectors. Not yet tuned on a
 # GPU (none was available when this was written); bench/ is where a measured value belongs.
 BLOCK = 1024
 NUM_WARPS = 4
+# Pointer element types of the tensor dtypes the kernels take.
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def is_dense(t: Tensor) -> bool:
@@ -52,6 +55,13 @@ def dense_like(t: Tensor, ref: Tensor) -> Tensor:
 def dense(t: Tensor) -> Tensor:
     """``t`` itself when dense; else a contiguous copy."""
     return t if is_dense(t) else t.contiguous()
+
+
+def write_back(originals: Sequence[Tensor], work: Sequence[Tensor]) -> None:
+    """Copy each dense working tensor that ``dense``/``dense_like`` made back into the tensor it stands for."""
+    for original, w in zip(originals, work, strict=True):
+        if w is not original:
+            original.copy_(w)
 
 
 @functools.lru_cache(maxsize=128)

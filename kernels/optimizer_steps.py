@@ -20,17 +20,17 @@ from torch import Tensor
 from spg_fast.kernels.multi_tensor import (
     BLOCK,
     NUM_WARPS,
+    TL_DTYPES,
     aligned,
     dense,
     dense_like,
     pointer_table,
     tile_table,
     to_device,
+    write_back,
 )
 from spg_fast.kernels.rounding import round_to
 from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
-
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -178,18 +178,12 @@ def _common(params: list[Tensor], grads: list[Tensor], factors: list[Tensor] | N
         scale=_scalar_or_dummy(scale, device),
         grad_scale=_scalar_or_dummy(grad_scale, device),
         found_inf=_scalar_or_dummy(found_inf, device),
-        flags=dict(PDT=_TL[params[0].dtype], ADT=_TL[work_a[0].dtype] if work_a else tl.float32,
+        flags=dict(PDT=TL_DTYPES[params[0].dtype], ADT=TL_DTYPES[work_a[0].dtype] if work_a else tl.float32,
                    HAS_MASK=scale is not None, HAS_GRAD_SCALE=grad_scale is not None,
                    HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
                    ALIGNED=aligned(work_p + work_g + work_a), num_warps=NUM_WARPS),
     )
     return device, work_p, work_g, work_a, args
-
-
-def _write_back(originals: list[Tensor], work: list[Tensor]) -> None:
-    for o, w in zip(originals, work, strict=True):
-        if w is not o:
-            o.copy_(w)
 
 
 @torch.library.custom_op("spg_fast::sgd_step_", mutates_args=("params", "momentum_buffers"))
@@ -211,8 +205,8 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tenso
         p_t, g_t, a_t, b_t, first, numels, tile_tensor, tile_start, args["scale"], len(work_a),
         args["grad_scale"], args["found_inf"], lr, weight_decay, momentum, dampening, HAS_WD=weight_decay != 0,
         HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize, **args["flags"])
-    _write_back(params, work_p)
-    _write_back(momentum_buffers, work_b)
+    write_back(params, work_p)
+    write_back(momentum_buffers, work_b)
 
 
 @torch.library.custom_op("spg_fast::adam_step_",
@@ -239,7 +233,7 @@ def adam_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tens
         **args["flags"])
     for originals, work in ((params, work_p), (exp_avgs, work_m), (exp_avg_sqs, work_v),
                             (max_exp_avg_sqs, work_vmax)):
-        _write_back(originals, work)
+        write_back(originals, work)
 
 
 @sgd_step_.register_fake

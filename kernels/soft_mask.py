@@ -11,12 +11,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from spg_fast.kernels.importance import GRAD_DTYPES, IMPORTANCE_DTYPES
-from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, aligned, dense, dense_like, pointer_table, tile_table
+from spg_fast.backend import TRITON_GRAD_DTYPES, TRITON_IMPORTANCE_DTYPES
+from spg_fast.kernels.multi_tensor import (
+    BLOCK,
+    NUM_WARPS,
+    TL_DTYPES,
+    aligned,
+    dense,
+    dense_like,
+    pointer_table,
+    tile_table,
+    write_back,
+)
 from spg_fast.kernels.rounding import round_to
 from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
-
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -49,12 +57,12 @@ def _check(grads: Sequence[Tensor], importances: Sequence[Tensor], head_grads: S
     for i, (g, a) in enumerate(zip(grads, importances, strict=True)):
         if g.shape != a.shape:
             raise ValueError(f"soft_mask_: tensor {i} has shapes {tuple(g.shape)} and {tuple(a.shape)}")
-        if a.dtype not in IMPORTANCE_DTYPES:
+        if a.dtype not in TRITON_IMPORTANCE_DTYPES:
             raise TypeError(f"soft_mask_ (triton): importance {i} has dtype {a.dtype}; supported: "
-                            f"{IMPORTANCE_DTYPES}")
+                            f"{TRITON_IMPORTANCE_DTYPES}")
     for i, g in enumerate([*grads, *head_grads]):
-        if g.dtype not in GRAD_DTYPES:
-            raise TypeError(f"soft_mask_ (triton): gradient {i} has dtype {g.dtype}; supported: {GRAD_DTYPES}")
+        if g.dtype not in TRITON_GRAD_DTYPES:
+            raise TypeError(f"soft_mask_ (triton): gradient {i} has dtype {g.dtype}; supported: {TRITON_GRAD_DTYPES}")
         if g.device != scale.device:
             raise ValueError(f"soft_mask_: gradient {i} is on {g.device}, the scale on {scale.device}")
     if scale.numel() != 1 or scale.dtype != torch.float32:
@@ -68,14 +76,12 @@ def _launch(grads: list[Tensor], importances: list[Tensor], head_grads: list[Ten
     work_g = [dense_like(g, a) for g, a in zip(grads, work_a, strict=True)] + [dense(g) for g in head_grads]
     device = scale.device
     tile_tensor, tile_start, numels = tile_table(work_g, device)
-    adt = _TL[work_a[0].dtype] if work_a else tl.float32
+    adt = TL_DTYPES[work_a[0].dtype] if work_a else tl.float32
     _soft_mask[(tile_tensor.numel(),)](
         pointer_table(work_g, device), pointer_table(work_a, device, len(work_g)), numels, tile_tensor, tile_start,
-        scale, len(work_a), GDT=_TL[work_g[0].dtype], ADT=adt, BLOCK=BLOCK, ALIGNED=aligned(work_g + work_a),
+        scale, len(work_a), GDT=TL_DTYPES[work_g[0].dtype], ADT=adt, BLOCK=BLOCK, ALIGNED=aligned(work_g + work_a),
         num_warps=NUM_WARPS)
-    for g, w in zip([*grads, *head_grads], work_g, strict=True):
-        if w is not g:
-            g.copy_(w)
+    write_back([*grads, *head_grads], work_g)
 
 
 @torch.library.custom_op("spg_fast::soft_mask_", mutates_args=("grads", "head_grads"))
