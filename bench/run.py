@@ -25,6 +25,7 @@ import spg_fast
 from bench import bytes_model
 from bench.ops import BYTES_OP, IMPLEMENTATIONS, MODEL_SHAPES, make_problem, synthetic_shapes
 from bench.timing import copies_to_rotate, copy_bandwidth, median_seconds
+from spg_fast.backend import fused_steps
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -42,7 +43,13 @@ def _environment(device: torch.device, bandwidth: float) -> dict:
             "device_type": device.type, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": triton.__version__, "spg_fast": spg_fast.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "copy_bandwidth_GBps": bandwidth / 1e9}
+            "copy_bandwidth_GBps": bandwidth / 1e9, "spg_fast_optim_steps": _step_path(device)}
+
+
+def _step_path(device: torch.device) -> str:
+    """Which implementation spg_fast.optim steps with on this device (spg_fast.backend.fused_steps)."""
+    module = fused_steps("triton" if device.type == "cuda" else "torch", [torch.zeros(1, device=device)])
+    return module.__name__ if module is not None else "mask .grad, then torch's fused step"
 
 
 def measure(op: str, impls: list[str], shapes: list[tuple[int, ...]], label: str, dtype: torch.dtype,

@@ -4,14 +4,22 @@
 ``spg_fast.kernels`` on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1`` is
 set (how CI tests them). ``"auto"`` picks Triton for CUDA tensors of supported dtypes when Triton is installed,
 the reference otherwise; both compute the same results (see the kernels' parity tests).
+
+``spg_fast.optim``'s steps are chosen here too (``fused_steps``): the Triton kernels on the triton backend; on the
+torch backend, the native CPU kernels of ``spg_fast.cpu`` for contiguous float32/float64 CPU tensors (built with
+the system C compiler on first use; ``SPG_FAST_NATIVE=0`` turns them off, ``=1`` makes a failed build an error),
+and otherwise "mask ``.grad``, then torch's fused step". All three compute the same update up to float rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -19,6 +27,7 @@ from torch import Tensor
 from spg_fast import reference
 
 BACKENDS = ("auto", "torch", "triton")
+NATIVE_SETTINGS = ("auto", "0", "1")
 TRITON_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON_IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -92,3 +101,37 @@ def resolve_backend(backend: str, named_params: Sequence[tuple[str, Tensor]],
         return _triton_ops()
     on_cuda = all(p.device.type == "cuda" for _, p in named_params)
     return _triton_ops() if on_cuda and problem is None else TORCH_OPS
+
+
+@functools.cache
+def _native_build_problem() -> str | None:
+    """Why the native CPU kernels cannot be built here (None: built and loaded); tried once per process."""
+    from spg_fast.cpu.build import NativeBuildError, load
+
+    try:
+        load()
+    except NativeBuildError as error:
+        if os.environ.get("SPG_FAST_NATIVE") == "1":
+            raise
+        warnings.warn(f"spg_fast: the native CPU optimizer steps are unavailable ({error}); spg_fast.optim masks "
+                      ".grad and runs torch's fused step instead, the same update up to float rounding",
+                      RuntimeWarning, stacklevel=3)
+        return str(error)
+    return None
+
+
+def fused_steps(backend: str, tensors: Sequence[Tensor]) -> ModuleType | None:
+    """The module whose ``sgd_step_``/``adam_step_`` update a batch of ``spg_fast.optim`` on the SPG ``backend``
+    (its name), given every tensor the step touches; None: mask ``.grad``, then torch's fused step."""
+    if backend == "triton":
+        from spg_fast.kernels import optimizer_steps
+
+        return optimizer_steps
+    setting = os.environ.get("SPG_FAST_NATIVE", "auto")
+    if setting not in NATIVE_SETTINGS:
+        raise ValueError(f"SPG_FAST_NATIVE={setting!r} is not one of {', '.join(NATIVE_SETTINGS)}")
+    from spg_fast.cpu import steps
+
+    if setting == "0" or steps.problem(tensors) is not None or _native_build_problem() is not None:
+        return None
+    return steps

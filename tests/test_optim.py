@@ -1,10 +1,11 @@
-"""spg_fast.optim against "mask the gradient, then run torch's own optimizer", on both backends."""
+"""spg_fast.optim against "mask the gradient, then run torch's own optimizer", on each of its step paths."""
 
 from __future__ import annotations
 
 import copy
 import inspect
 import io
+import os
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from spg_fast import SPG, optim
 from tests.helpers import MultiHeadNet, make_tasks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["torch", "triton"]
+# Each way spg_fast.optim can step: SPG backend and SPG_FAST_NATIVE setting (spg_fast.backend.fused_steps).
+PATHS = {"triton": ("triton", "auto"), "native": ("torch", "1"), "mask+torch": ("torch", "0")}
 CONFIGS = {
     "sgd": (optim.SGD, torch.optim.SGD, dict(lr=0.05)),
     "sgd-momentum-wd": (optim.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
@@ -29,6 +31,14 @@ STEPS = 50
 # Both run in float32 with different operation orders (one fused pass vs torch's op-by-op foreach). Over 50 steps
 # the largest difference measured was 4.8e-7 absolute (parameters of size ~0.1-1): a few float32 ulps.
 TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(params=list(PATHS))
+def backend(request, monkeypatch):
+    """The SPG backend of one step path, with the environment that selects it."""
+    name, native = PATHS[request.param]
+    monkeypatch.setenv("SPG_FAST_NATIVE", native)
+    return name
 
 
 def _setup(backend: str, dtype=torch.float32, seed: int = 0):
@@ -67,7 +77,6 @@ def _run_pair(name: str, backend: str, dtype=torch.float32, steps: int = STEPS, 
     return model, twin, ours, theirs
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_mask_then_torch_over_50_steps(name, backend):
     model, twin, ours, theirs = _run_pair(name, backend)
@@ -79,7 +88,6 @@ def test_matches_mask_then_torch_over_50_steps(name, backend):
             torch.testing.assert_close(value.cpu(), theirs.state[q][key].cpu(), **TOL, msg=key)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["sgd-momentum-wd", "adamw"])
 def test_before_the_first_task_nothing_is_masked(name, backend):
     model, twin, _, _ = _run_pair(name, backend, steps=10, masked=False)
@@ -96,10 +104,9 @@ def test_bfloat16_parameters_on_the_kernels(name):
         torch.testing.assert_close(a.float(), b.float(), rtol=2.0**-7, atol=2.0**-8)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_after_the_step(backend):
-    """The kernels read the mask inside the update and leave .grad alone; the torch backend masks .grad in place
-    (the spec's grad <- grad * (1 - A)) before torch's fused kernel."""
+    """The Triton and native kernels read the mask inside the update and leave .grad alone; the mask + torch path
+    masks .grad in place (the spec's grad <- grad * (1 - A)) before torch's fused kernel."""
     model, spg, tasks = _setup(backend)
     spg.end_task(0, tasks[0])
     opt = optim.SGD(model.parameters(), lr=0.1, spg=spg)
@@ -107,11 +114,11 @@ def test_gradients_after_the_step(backend):
     grads = [p.grad.clone() for p in model.trunk.parameters()]
     opt.step()
     keeps = [1 - spg.importance[n] for n, _ in model.trunk.named_parameters(prefix="trunk")]
+    in_place = os.environ["SPG_FAST_NATIVE"] == "0"
     for p, g, keep in zip(model.trunk.parameters(), grads, keeps, strict=True):
-        assert torch.equal(p.grad, g if backend == "triton" else g * keep)
+        assert torch.equal(p.grad, g * keep if in_place else g)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["sgd-momentum-wd", "adam-amsgrad-wd-max"])
 def test_state_dict_round_trips_through_torch_mid_run(name, backend):
     ours_cls, torch_cls, kwargs = CONFIGS[name]
@@ -145,7 +152,6 @@ def test_state_dict_round_trips_through_torch_mid_run(name, backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scaler_inf_step_is_skipped_and_others_match(backend):
     model, spg, tasks = _setup(backend)
     spg.end_task(0, tasks[0])

@@ -13,9 +13,9 @@ from spg_fast.spg import SPG
 
 class Adam(MaskedOptimizer):
     """``torch.optim.Adam`` (amsgrad, weight decay, maximize; ``decoupled_weight_decay`` for AdamW) updating with
-    the SPG-masked gradient: one pass per parameter on the Triton backend, mask + torch's fused kernel on the
-    torch backend. State keys are torch's (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; steps on the
-    parameter's device, as torch's fused Adam keeps them), so checkpoints interchange with torch's Adam/AdamW."""
+    the SPG-masked gradient in one pass per parameter (see ``MaskedOptimizer`` for the paths). State keys are
+    torch's (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; steps on the parameter's device, as
+    torch's fused Adam keeps them), so checkpoints interchange with torch's Adam/AdamW."""
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *, spg: SPG, foreach: bool | None = None,
@@ -61,21 +61,20 @@ class Adam(MaskedOptimizer):
             return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states])
 
-        if self.fused_kernels:
-            from spg_fast.kernels.optimizer_steps import adam_step_
-
-            for batch, importances, scale in self.fused_batches(params):
-                exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists(batch)
-                torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf)
-                adam_step_(batch, [p.grad for p in batch], importances, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                           steps, scale, grad_scale, found_inf, **hyper)
-            return
-        self.spg.mask_gradients(params)
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists(params)
-        torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf)
-        fused = torch._fused_adamw_ if hyper.pop("decoupled") else torch._fused_adam_
-        fused(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-              grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        decoupled = hyper.pop("decoupled")
+        for batch, factors, scale in self.batches(params):
+            grads = [p.grad for p in batch]
+            exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists(batch)
+            torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf)
+            kernels = self.kernels_for([*batch, *grads, *factors, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs])
+            if kernels is not None:
+                kernels.adam_step_(batch, grads, factors, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, scale,
+                                   grad_scale, found_inf, decoupled=decoupled, **hyper)
+                continue
+            self.spg.mask_gradients(batch)
+            fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+            fused(batch, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, grad_scale=grad_scale,
+                  found_inf=found_inf, **hyper)
 
 
 class AdamW(Adam):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from spg_fast.backend import BACKENDS
+from spg_fast.backend import BACKENDS, fused_steps
 from spg_fast.spg import SPG
 
 
@@ -27,12 +28,12 @@ def check_hyperparameters(**values: float) -> None:
 class MaskedOptimizer(Optimizer):
     """Base of ``spg_fast.optim``'s optimizers: torch's update with SPG's mask read inside it.
 
-    The update equals "mask the gradient, then step torch's optimizer". The implementation follows the SPG
-    object's backend: the Triton kernels read the mask inside the update and leave ``.grad`` as backward produced
-    it; the torch backend masks ``.grad`` in place (the spec's ``grad <- grad * (1 - A)``, one vectorised
-    multiply) and runs torch's fused kernel: on the CPU the masked AdamW step measured 1.3-1.5x torch's unmasked
-    fused step, where folding the mask into torch's foreach formulation measured 3.7x (bench/NOTES.md). Both
-    take GradScaler's ``grad_scale``/``found_inf`` on the device.
+    The update equals "mask the gradient, then step torch's optimizer"; ``spg_fast.backend.fused_steps`` picks how
+    per batch of one dtype. The Triton kernels (CUDA) and the native CPU kernels (contiguous float32/float64) read
+    the mask inside one pass and leave ``.grad`` as backward produced it. Otherwise ``.grad`` is masked in place
+    (the spec's ``grad <- grad * (1 - A)``) and torch's fused kernel steps. On the CPU the native AdamW step
+    measured 1.22x torch's unmasked fused step, mask + torch's fused step 1.45-1.48x (bench/NOTES.md). All take
+    GradScaler's ``grad_scale``/``found_inf``.
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any], spg: SPG, backend: str) -> None:
@@ -47,7 +48,6 @@ class MaskedOptimizer(Optimizer):
             raise ValueError("differentiable=True is not supported by spg_fast.optim")
         super().__init__(params, defaults)
         self.spg = spg
-        self.fused_kernels = spg.backend == "triton"
         self._step_supports_amp_scaling = True
         spg.register_user(self, type(self).__name__)
 
@@ -69,9 +69,9 @@ class MaskedOptimizer(Optimizer):
             if params:
                 yield group, params
 
-    def fused_batches(self, params: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor], Tensor | None]]:
-        """Fused path: per dtype, the parameters (shared first, then heads), the shared ones' importances, and the
-        head scale (None before the first task: no mask)."""
+    def batches(self, params: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor], Tensor | None]]:
+        """Per dtype, the parameters (shared first, then heads), the shared ones' mask factors (the backend's, see
+        ``spg_fast.backend.Ops``) and the head scale (None before the first task: no mask)."""
         plan = self.spg.mask_plan(params)
         batches: dict[torch.dtype, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
         for i, p in enumerate(params):
@@ -96,6 +96,10 @@ class MaskedOptimizer(Optimizer):
         for group, params in self._groups_with_grads():
             self.update_group(group, params, *scaler)
         return loss
+
+    def kernels_for(self, tensors: list[Tensor]) -> ModuleType | None:
+        """The fused steps serving a batch (every tensor its step touches); None: mask ``.grad``, then torch's."""
+        return fused_steps(self.spg.backend, tensors)
 
     def update_group(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None,
                      found_inf: Tensor | None) -> None:

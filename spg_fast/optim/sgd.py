@@ -13,7 +13,7 @@ from spg_fast.spg import SPG
 
 class SGD(MaskedOptimizer):
     """``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, maximize) updating with the SPG-masked
-    gradient: one pass per parameter on the Triton backend, mask + torch's fused kernel on the torch backend.
+    gradient in one pass per parameter (see ``MaskedOptimizer`` for the paths).
     State keys are torch's (``momentum_buffer``), so checkpoints interchange with ``torch.optim.SGD``."""
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -40,26 +40,20 @@ class SGD(MaskedOptimizer):
         hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
                      dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
         momentum = hyper["momentum"]
-        if self.fused_kernels:
-            from spg_fast.kernels.optimizer_steps import sgd_step_
-
-            for batch, importances, scale in self.fused_batches(params):
-                first = [momentum != 0 and "momentum_buffer" not in self.state[p] for p in batch]
-                bufs = [self._momentum_buffer(p, torch.zeros_like) for p in batch] if momentum else []
-                sgd_step_(batch, [p.grad for p in batch], importances, bufs, first, scale, grad_scale, found_inf,
-                          **hyper)
-            return
-        self.spg.mask_gradients(params)
-        if not momentum:
-            torch._fused_sgd_(params, [p.grad for p in params], [], is_first_step=False, grad_scale=grad_scale,
-                              found_inf=found_inf, **hyper)
-            return
-        # torch's fused kernel takes one is_first_step flag per call: parameters without a momentum buffer yet
-        # (all on the first step; later, a head added since) go in a call of their own.
-        first = [p for p in params if "momentum_buffer" not in self.state[p]]
-        later = [p for p in params if "momentum_buffer" in self.state[p]]
-        for batch, is_first in ((first, True), (later, False)):
-            if batch:
-                bufs = [self._momentum_buffer(p, torch.empty_like) for p in batch]
-                torch._fused_sgd_(batch, [p.grad for p in batch], bufs, is_first_step=is_first,
-                                  grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        for batch, factors, scale in self.batches(params):
+            grads = [p.grad for p in batch]
+            first = [momentum != 0 and "momentum_buffer" not in self.state[p] for p in batch]
+            bufs = [self._momentum_buffer(p, torch.zeros_like) for p in batch] if momentum else []
+            kernels = self.kernels_for([*batch, *grads, *factors, *bufs])
+            if kernels is not None:
+                kernels.sgd_step_(batch, grads, factors, bufs, first, scale, grad_scale, found_inf, **hyper)
+                continue
+            self.spg.mask_gradients(batch)
+            # torch's fused kernel takes one is_first_step flag per call: parameters without a momentum buffer
+            # before this step (all on the first step; later, a head added since) go in a call of their own.
+            for is_first in (True, False):
+                chosen = [i for i, f in enumerate(first) if f == is_first]
+                if chosen:
+                    torch._fused_sgd_([batch[i] for i in chosen], [grads[i] for i in chosen],
+                                      [bufs[i] for i in chosen] if momentum else [], is_first_step=is_first,
+                                      grad_scale=grad_scale, found_inf=found_inf, **hyper)
