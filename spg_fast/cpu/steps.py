@@ -18,8 +18,10 @@ DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
 class _Tensors(ctypes.Structure):
-    _fields_ = [(name, ctypes.POINTER(ctypes.c_void_p)) for name in ("param", "grad", "factor", "buf1", "buf2",
-                                                                     "buf3")] + [
+    """``tensors_t`` of fused_steps.c: per tensor, its pointers (NULL where unused), size and one auxiliary value."""
+
+    _fields_ = [
+        *((name, ctypes.POINTER(ctypes.c_void_p)) for name in ("param", "grad", "factor", "buf1", "buf2", "buf3")),
         ("numel", ctypes.POINTER(ctypes.c_int64)),
         ("aux", ctypes.POINTER(ctypes.c_double)),
         ("ntensors", ctypes.c_int64),
@@ -43,9 +45,9 @@ def problem(tensors: Sequence[Tensor]) -> str | None:
     return None
 
 
-def _pointers(tensors: Sequence[Tensor | None], length: int) -> ctypes.Array:
-    pointers = [None if t is None else t.data_ptr() for t in tensors]
-    return (ctypes.c_void_p * length)(*pointers, *[None] * (length - len(pointers)))
+def _pointers(tensors: Sequence[Tensor], length: int) -> ctypes.Array:
+    """The tensors' data pointers, padded with NULL to ``length`` (heads have no factor; unused state lists)."""
+    return (ctypes.c_void_p * length)(*[t.data_ptr() for t in tensors])
 
 
 def _launch(kind: str, params: list[Tensor], grads: list[Tensor], factors: list[Tensor],
