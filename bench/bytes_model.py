@@ -11,6 +11,9 @@ STREAMS = {
     "adamw": dict(param_reads=4, param_writes=3, importance_reads=0, importance_writes=0),     # p, g, m, v
     "adamw_masked": dict(param_reads=4, param_writes=3, importance_reads=1, importance_writes=0),
     "importance": dict(param_reads=1, param_writes=0, importance_reads=1, importance_writes=1),  # h, A -> A
+    # The two passes of the fused importance kernel: statistics read h; the update reads h and A, writes A.
+    "importance_stats": dict(param_reads=1, param_writes=0, importance_reads=0, importance_writes=0),
+    "importance_update": dict(param_reads=1, param_writes=0, importance_reads=1, importance_writes=1),
     "copy": dict(param_reads=1, param_writes=1, importance_reads=0, importance_writes=0),
 }
 

@@ -39,12 +39,13 @@ def kernels(dtype: tl.dtype) -> dict[str, tuple[object, dict[str, str], dict[str
         "optimizer_steps._sgd_step": (
             optimizer_steps._sgd_step,
             {**ptrs("p_ptrs", "g_ptrs", "a_ptrs", "buf_ptrs"), "first_flags": "*i8", **_COMMON, **_OPT,
-             "lr": "fp32", "weight_decay": "fp32", "momentum": "fp32", "dampening": "fp32"},
+             "lr": "fp32", "weight_decay": "fp32", "momentum": "fp32", "undamped": "fp32"},
             dict(flags, HAS_MOMENTUM=True, NESTEROV=False)),
         "optimizer_steps._adam_step": (
             optimizer_steps._adam_step,
             {**ptrs("p_ptrs", "g_ptrs", "a_ptrs", "m_ptrs", "v_ptrs", "vmax_ptrs", "step_ptrs"), **_COMMON, **_OPT,
-             **{k: "fp32" for k in ("lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay")}},
+             **{k: "fp32" for k in ("lr_hi", "lr_lo", "one_minus_beta1", "beta2", "one_minus_beta2", "log_beta1_hi",
+                                    "log_beta1_lo", "log_beta2_hi", "log_beta2_lo", "eps", "weight_decay", "decay")}},
             dict(flags, DECOUPLED=True, AMSGRAD=False)),
     }
 

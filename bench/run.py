@@ -58,6 +58,8 @@ def measure(op: str, impls: list[str], shapes: list[tuple[int, ...]], label: str
     interleaved rounds (median of round medians), so that drift of the machine falls on each alike; otherwise one
     after the other. Implementations whose inputs do not fit are skipped (not in the rows)."""
     numel = sum(torch.Size(s).numel() for s in shapes)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks the caching allocator kept from the previous problem count as free
     per_element = bytes_model.bytes_per_element(BYTES_OP[op], torch.finfo(dtype).bits // 8)
     working_set = numel * (per_element + 8)  # plus the spg-fast state and torch's keep factors
     budget = int(0.5 * _free_bytes(device))

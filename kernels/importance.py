@@ -21,18 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from spg_fast.backend import TRITON_GRAD_DTYPES, TRITON_IMPORTANCE_DTYPES
-from spg_fast.kernels.multi_tensor import (
-    BLOCK,
-    NUM_WARPS,
-    TL_DTYPES,
-    aligned,
-    dense,
-    dense_like,
-    first_tiles,
-    pointer_table,
-    tile_table,
-    write_back,
-)
+from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, first_tiles, plan_for, write_back
 from spg_fast.kernels.rounding import round_to
 from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
 
@@ -152,20 +141,17 @@ def _check(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
 def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
     """The three launches for tensors of one (gradient dtype, accumulator dtype); returns non-finite flags."""
     device = accs[0].device
-    work = [dense(a) for a in accs]
-    hs = [dense_like(h, a) for h, a in zip(grads, work, strict=True)]
-    tile_tensor, tile_start, numels = tile_table(hs, device)
-    h_ptrs = pointer_table(hs, device)
-    partials = torch.empty(tile_tensor.numel(), _PARTIALS, dtype=torch.float64, device=device)
+    plan, (hs, work) = plan_for([grads, accs], device)
+    h_ptrs, a_ptrs = plan.pointers
+    partials = torch.empty(plan.grid[0], _PARTIALS, dtype=torch.float64, device=device)
     dt, adt = TL_DTYPES[hs[0].dtype], TL_DTYPES[work[0].dtype]
-    is_aligned = aligned(hs + work)
-    _tile_stats[(tile_tensor.numel(),)](h_ptrs, numels, tile_tensor, tile_start, partials, DT=dt, BLOCK=BLOCK,
-                                        ALIGNED=is_aligned, num_warps=NUM_WARPS)
-    first, counts = first_tiles(hs, device)
+    _tile_stats[plan.grid](h_ptrs, plan.numels, plan.tile_tensor, plan.tile_start, partials, DT=dt, BLOCK=BLOCK,
+                           ALIGNED=plan.aligned, num_warps=NUM_WARPS)
+    first, counts = first_tiles(tuple(h.numel() for h in hs), device)
     stats = torch.empty(len(hs), _STATS, dtype=torch.float64, device=device)
     _combine[(len(hs),)](partials, first, counts, stats, CBLOCK=_COMBINE_BLOCK, num_warps=NUM_WARPS)
-    _update[(tile_tensor.numel(),)](h_ptrs, pointer_table(work, device), numels, tile_tensor, tile_start, stats,
-                                    DT=dt, ADT=adt, BLOCK=BLOCK, ALIGNED=is_aligned, num_warps=NUM_WARPS)
+    _update[plan.grid](h_ptrs, a_ptrs, plan.numels, plan.tile_tensor, plan.tile_start, stats, DT=dt, ADT=adt,
+                       BLOCK=BLOCK, ALIGNED=plan.aligned, num_warps=NUM_WARPS)
     write_back(accs, work)
     return stats[:, 2] > 0
 
@@ -183,7 +169,10 @@ def importance_max_(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
             groups.setdefault((h.dtype, a.dtype), []).append(i)
     for idx in groups.values():
         group_flags = _launch_group([accumulators[i] for i in idx], [grads[i] for i in idx])
-        flags[torch.tensor(idx, device=device)] = group_flags
+        if len(idx) == len(grads):
+            flags = group_flags
+        else:
+            flags[torch.tensor(idx, device=device)] = group_flags
     return flags
 
 

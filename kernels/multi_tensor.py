@@ -10,16 +10,22 @@ launchers route any other tensor through a dense temporary.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
-# Elements per program. 1024 fp32 elements with 4 warps is 8 per thread: two 16-byte vectors. Not yet tuned on a
-# GPU (none was available when this was written); bench/ is where a measured value belongs.
+# Elements per program. 1024 fp32 elements with 4 warps is 8 per thread: two 16-byte vectors. Measured on an H100
+# (python -m bench.tune, bench/results/NVIDIA-H100-80GB-HBM3-2026-11-22/tune.txt): at 1e8 and 1e9 parameters the
+# mask, masked SGD and masked AdamW kernels reach 100-103% of copy bandwidth with 1024/4; 2048-8192 elements and
+# 8 warps were never faster and some were far slower (AdamW 2048/4: 59%, 8192/4: 13%).
 BLOCK = 1024
 NUM_WARPS = 4
+# Launch plans kept (see launch_plan): one per (tensor lists, device) a model steps with; a few models per process.
+PLAN_CACHE_SIZE = 64
 # Pointer element types of the tensor dtypes the kernels take.
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -79,9 +85,11 @@ def tile_table(tensors: Sequence[Tensor], device: torch.device, block: int = BLO
     return _tiles(tuple(t.numel() for t in tensors), block, device)
 
 
-def first_tiles(tensors: Sequence[Tensor], device: torch.device, block: int = BLOCK) -> tuple[Tensor, Tensor]:
-    """Per tensor, the index of its first tile and its number of tiles (for per-tensor reductions over tiles)."""
-    counts = torch.tensor([-(-t.numel() // block) for t in tensors], dtype=torch.int64)
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def first_tiles(numels: tuple[int, ...], device: torch.device, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """Per tensor of ``numels`` elements, the index of its first tile and its number of tiles (for per-tensor
+    reductions over tiles); cached."""
+    counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
     return (torch.cumsum(counts, 0) - counts).to(device), counts.to(device)
 
 
@@ -100,6 +108,87 @@ def pointer_table(tensors: Sequence[Tensor | None], device: torch.device, length
     return to_device(pointers + [0] * ((length or 0) - len(pointers)), torch.int64, device)
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def flag_table(flags: tuple[bool, ...], device: torch.device) -> Tensor:
+    """Per-tensor int8 flags on ``device`` (SGD's first-step flags), cached: they change only when a parameter
+    gets its momentum buffer."""
+    return to_device([int(f) for f in flags], torch.int8, device)
+
+
 def aligned(tensors: Sequence[Tensor | None], nbytes: int = 16) -> bool:
     """True when every data pointer is a multiple of ``nbytes`` (lets the kernels use vector loads)."""
     return all(t is None or t.data_ptr() % nbytes == 0 for t in tensors)
+
+
+class LaunchPlan(NamedTuple):
+    """What a multi-tensor launch needs on the device, built once for a set of tensor lists and reused while they
+    keep their data pointers and sizes: one pointer table per list, the tile tables, and whether every pointer is
+    16-byte aligned (every list counted: parameters, gradients, importances and optimizer state)."""
+
+    pointers: tuple[Tensor, ...]
+    tile_tensor: Tensor
+    tile_start: Tensor
+    numels: Tensor
+    aligned: bool
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.tile_tensor.numel(),)
+
+
+_PLANS: OrderedDict[tuple, LaunchPlan] = OrderedDict()
+
+
+def _pairs_with_first(lists: Sequence[Sequence[Tensor | None]]) -> bool:
+    """True when every tensor of every list is dense and laid out like its counterpart in the first list, so that
+    the kernels can address all of them by one storage offset."""
+    first = lists[0]
+    if not all(is_dense(t) for t in first):
+        return False
+    return all(t is None or (t.dtype.is_floating_point and same_layout(t, ref))
+               for lst in lists[1:] for t, ref in zip(lst, first, strict=False))
+
+
+def _build(lists: Sequence[Sequence[Tensor]], device: torch.device, scalars: Sequence[Tensor],
+           block: int) -> LaunchPlan:
+    length = len(lists[0])
+    tables = [pointer_table(lst, device, length) for lst in lists]
+    if scalars:
+        tables.append(pointer_table(scalars, device, length))
+    tile_tensor, tile_start, numels = tile_table(lists[0], device, block)
+    return LaunchPlan(tuple(tables), tile_tensor, tile_start, numels, aligned([t for lst in lists for t in lst]))
+
+
+def launch_plan(lists: Sequence[Sequence[Tensor]], device: torch.device, scalars: Sequence[Tensor] = (),
+                block: int = BLOCK) -> LaunchPlan | None:
+    """The cached plan for ``lists`` (the first list sets the tiling; shorter lists are padded with null pointers)
+    and ``scalars`` (one device scalar per tensor, e.g. Adam's step counts: its pointer table comes last), or None
+    when some tensor is not dense in its first-list partner's layout. A steady-state step costs one read of each
+    tensor's data pointer and size: no allocation, no copy to the device, no synchronisation. A plan is rebuilt
+    when any pointer or size changes (gradients that landed elsewhere after ``zero_grad(set_to_none=True)``, a new
+    head, ``load_state_dict``)."""
+    key = (device, block, tuple(map(Tensor.data_ptr, scalars)), *(tuple(map(Tensor.data_ptr, lst)) for lst in lists),
+           *(tuple(map(Tensor.numel, lst)) for lst in lists))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    if not _pairs_with_first(lists):
+        return None
+    plan = _PLANS[key] = _build(lists, device, scalars, block)
+    if len(_PLANS) > PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def plan_for(lists: Sequence[Sequence[Tensor]], device: torch.device,
+             scalars: Sequence[Tensor] = ()) -> tuple[LaunchPlan, Sequence[Sequence[Tensor]]]:
+    """The plan for ``lists`` and the tensors it addresses: the lists themselves (cached plan), or, when some tensor
+    is not dense in its partner's layout, dense copies in the first list's layout (a one-off plan; the caller
+    copies the lists it mutates back with ``write_back``)."""
+    plan = launch_plan(lists, device, scalars)
+    if plan is not None:
+        return plan, lists
+    first = [dense(t) for t in lists[0]]
+    work = [first, *([dense_like(t, ref) for t, ref in zip(lst, first, strict=False)] for lst in lists[1:])]
+    return _build(work, device, scalars, BLOCK), work

@@ -12,17 +12,8 @@ import triton.language as tl
 from torch import Tensor
 
 from spg_fast.backend import TRITON_GRAD_DTYPES, TRITON_IMPORTANCE_DTYPES
-from spg_fast.kernels.multi_tensor import (
-    BLOCK,
-    NUM_WARPS,
-    TL_DTYPES,
-    aligned,
-    dense,
-    dense_like,
-    pointer_table,
-    tile_table,
-    write_back,
-)
+from spg_fast.kernels.custom_ops import eager_fast_path
+from spg_fast.kernels.multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, plan_for, write_back
 from spg_fast.kernels.rounding import round_to
 from spg_fast.kernels.tiles import load, store, tensor_ptr, tile_of
 
@@ -72,20 +63,17 @@ def _check(grads: Sequence[Tensor], importances: Sequence[Tensor], head_grads: S
 
 def _launch(grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor) -> None:
     """One launch for gradients of one dtype: shared ones first, then heads."""
-    work_a = [dense(a) for a in importances]
-    work_g = [dense_like(g, a) for g, a in zip(grads, work_a, strict=True)] + [dense(g) for g in head_grads]
-    device = scale.device
-    tile_tensor, tile_start, numels = tile_table(work_g, device)
+    all_grads = [*grads, *head_grads]
+    plan, (work_g, work_a) = plan_for([all_grads, importances], scale.device)
+    g_ptrs, a_ptrs = plan.pointers
     adt = TL_DTYPES[work_a[0].dtype] if work_a else tl.float32
-    _soft_mask[(tile_tensor.numel(),)](
-        pointer_table(work_g, device), pointer_table(work_a, device, len(work_g)), numels, tile_tensor, tile_start,
-        scale, len(work_a), GDT=TL_DTYPES[work_g[0].dtype], ADT=adt, BLOCK=BLOCK, ALIGNED=aligned(work_g + work_a),
-        num_warps=NUM_WARPS)
-    write_back([*grads, *head_grads], work_g)
+    _soft_mask[plan.grid](g_ptrs, a_ptrs, plan.numels, plan.tile_tensor, plan.tile_start, scale, len(work_a),
+                          GDT=TL_DTYPES[work_g[0].dtype], ADT=adt, BLOCK=BLOCK, ALIGNED=plan.aligned,
+                          num_warps=NUM_WARPS)
+    write_back(all_grads, work_g)
 
 
-@torch.library.custom_op("spg_fast::soft_mask_", mutates_args=("grads", "head_grads"))
-def soft_mask_(grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor) -> None:
+def _soft_mask_impl(grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor) -> None:
     """Triton soft mask: ``g *= 1 - A`` per shared pair, ``g *= scale`` per head gradient, in place.
 
     One launch per gradient dtype present. Unlike ``spg_fast.reference.soft_mask_`` (which takes the keep factors
@@ -106,6 +94,13 @@ def soft_mask_(grads: list[Tensor], importances: list[Tensor], head_grads: list[
         _launch(shared, imps, heads, scale)
 
 
-@soft_mask_.register_fake
+_MUTATES = ("grads", "head_grads")
+_soft_mask_op = torch.library.custom_op("spg_fast::soft_mask_", mutates_args=_MUTATES)(_soft_mask_impl)
+
+
+@_soft_mask_op.register_fake
 def _(grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor) -> None:
     return None
+
+
+soft_mask_ = eager_fast_path(_soft_mask_op, _soft_mask_impl, _MUTATES)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 import inspect
 import io
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from spg_fast import SPG, optim
+from spg_fast.backend import fused_steps
 from tests.helpers import MultiHeadNet, make_tasks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,6 +26,7 @@ CONFIGS = {
                             dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True, maximize=True)),
     "adamw": (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.5)),
     "adamw-amsgrad": (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+    "adam-betas-zero": (optim.Adam, torch.optim.Adam, dict(lr=1e-3, betas=(0.0, 0.0))),  # log(0): no bias correction
 }
 STEPS = 50
 # Both run in float32 with different operation orders (one fused pass vs torch's op by op). Over 50 steps the
@@ -115,7 +116,7 @@ def test_gradients_after_the_step(backend):
     grads = [p.grad.clone() for p in model.trunk.parameters()]
     opt.step()
     keeps = [1 - spg.importance[n] for n, _ in model.trunk.named_parameters(prefix="trunk")]
-    in_place = os.environ["SPG_FAST_NATIVE"] == "0"
+    in_place = fused_steps(backend, list(model.parameters())) is None  # e.g. the native steps on CUDA tensors
     for p, g, keep in zip(model.trunk.parameters(), grads, keeps, strict=True):
         assert torch.equal(p.grad, g * keep if in_place else g)
 
@@ -187,9 +188,12 @@ def test_grad_scaler_inf_step_is_skipped_and_others_match(backend):
 def test_hyperparameters_are_runtime_kernel_arguments():
     from spg_fast.kernels import optimizer_steps
 
-    for kernel in (optimizer_steps._sgd_step, optimizer_steps._adam_step):
+    runtime = {optimizer_steps._sgd_step: ("lr", "weight_decay", "momentum", "undamped"),
+               optimizer_steps._adam_step: ("lr_hi", "lr_lo", "weight_decay", "decay", "one_minus_beta1", "beta2",
+                                            "one_minus_beta2", "eps")}
+    for kernel, names in runtime.items():
         params = inspect.signature(kernel.fn).parameters
-        for name in ("lr", "weight_decay"):
+        for name in names:
             assert params[name].annotation is inspect.Parameter.empty, f"{name} would recompile when changed"
 
 

@@ -51,7 +51,7 @@ static void *at(void *base, int64_t offset, int64_t itemsize) {
     }                                                                                                             \
   } while (0)
 
-#define DEFINE_STEPS(T, SUFFIX, SQRT)                                                                              \
+#define DEFINE_STEPS(T, SUFFIX, SQRT, FMA)                                                                              \
   static void sgd_piece_##SUFFIX(const tensors_t *t, int64_t k, int64_t s, int64_t n, T head, T unscale, T lr,    \
                                  T wd, T mom, T undamped, int nesterov) {                                         \
     T *restrict p = at(t->param[k], s, sizeof(T));                                                                \
@@ -67,7 +67,7 @@ static void *at(void *base, int64_t offset, int64_t itemsize) {
         b[i] = bi;                                                                                                \
         gi = nesterov ? gi + mom * bi : bi;                                                                       \
       }                                                                                                           \
-      p[i] = p[i] - lr * gi;                                                                                      \
+      p[i] = FMA(-lr, gi, p[i]); /* fused, as torch's CPU kernel updates the parameter */                        \
     }                                                                                                             \
   }                                                                                                               \
                                                                                                                   \
@@ -111,5 +111,5 @@ static void *at(void *base, int64_t offset, int64_t itemsize) {
                     (T)(1 - b2), (T)eps, lr, b1, b2);                                                             \
   }
 
-DEFINE_STEPS(float, f32, sqrtf)
-DEFINE_STEPS(double, f64, sqrt)
+DEFINE_STEPS(float, f32, sqrtf, fmaf)
+DEFINE_STEPS(double, f64, sqrt, fma)

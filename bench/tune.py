@@ -1,0 +1,103 @@
+"""Kernel-only timing of every Triton kernel across tile sizes and warp counts, against torch's own kernels.
+
+    python -m bench.tune [--sizes 1e8,1e9] [--blocks 1024,2048,4096,8192] [--warps 4,8]
+
+The launch tables are built once, so only device time is measured (``triton.testing.do_bench``, median); the
+numbers say which ``BLOCK`` / ``NUM_WARPS`` the launch plans should use, and how far the kernels are from the
+measured copy bandwidth. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from bench import bytes_model
+from bench.ops import synthetic_shapes
+from bench.timing import copy_bandwidth
+from spg_fast.kernels import importance, optimizer_steps, soft_mask
+from spg_fast.kernels.multi_tensor import pointer_table, tile_table
+
+
+def _median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def tune(numel: int, blocks: list[int], warps: list[int], bandwidth: float) -> list[dict]:
+    dev = torch.device("cuda")
+    shapes = synthetic_shapes(numel)
+    mk = lambda: [torch.randn(s, device=dev) for s in shapes]  # noqa: E731
+    p, g, m, v = mk(), mk(), mk(), mk()
+    a = [torch.rand(s, device=dev) * 1e-3 for s in shapes]
+    v = [x.abs() for x in v]
+    step = [torch.full((), 3.0, device=dev) for _ in shapes]
+    one = torch.ones(1, device=dev)
+    ptr = {k: pointer_table(x, dev) for k, x in dict(p=p, g=g, m=m, v=v, a=a, step=step).items()}
+    first = torch.zeros(len(shapes), dtype=torch.int8, device=dev)
+    rows = []
+
+    def record(op: str, impl: str, ms: float) -> None:
+        nbytes = numel * bytes_model.bytes_per_element(op, 4)
+        rows.append(dict(op=op, impl=impl, params=numel, ms=ms, fraction=nbytes / (ms / 1e3) / bandwidth))
+        print(f"{op:22} {numel:.0e} {impl:28} {ms:8.3f} ms {rows[-1]['fraction']:6.1%} of copy", flush=True)
+
+    common = dict(ADT=tl.float32, HAS_MASK=True, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, ALIGNED=True)
+
+    def sweep(block: int, nw: int) -> None:
+        tt, ts, n = tile_table(p, dev, block)
+        grid = (tt.numel(),)
+        tag = f"BLOCK={block} warps={nw}"
+        record("mask", tag, _median_ms(lambda: soft_mask._soft_mask[grid](
+            ptr["g"], ptr["a"], n, tt, ts, one, len(g), GDT=tl.float32, ADT=tl.float32, BLOCK=block, ALIGNED=True,
+            num_warps=nw)))
+        record("sgd_momentum_masked", tag, _median_ms(lambda: optimizer_steps._sgd_step[grid](
+            ptr["p"], ptr["g"], ptr["a"], ptr["m"], first, n, tt, ts, one, len(p), one, one, 1e-6, 0.0, 0.9, 0.0,
+            PDT=tl.float32, HAS_WD=False, HAS_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, BLOCK=block,
+            num_warps=nw, **common)))
+        record("adamw_masked", tag, _median_ms(lambda: optimizer_steps._adam_step[grid](
+            ptr["p"], ptr["g"], ptr["a"], ptr["m"], ptr["v"], ptr["v"], ptr["step"], n, tt, ts, one, len(p), one,
+            one, 1e-6, 0.9, 0.999, -0.105, -0.001, 1e-8, 1e-2, PDT=tl.float32, HAS_WD=True, DECOUPLED=True,
+            AMSGRAD=False, MAXIMIZE=False, BLOCK=block, num_warps=nw, **common)))
+        partials = torch.empty(tt.numel(), 6, dtype=torch.float64, device=dev)
+        stats = torch.zeros(len(p), 3, dtype=torch.float64, device=dev)
+        stats[:, 1] = 1.0
+        record("importance_stats", tag, _median_ms(lambda: importance._tile_stats[grid](
+            ptr["g"], n, tt, ts, partials, DT=tl.float32, BLOCK=block, ALIGNED=True, num_warps=nw)))
+        record("importance_update", tag, _median_ms(lambda: importance._update[grid](
+            ptr["g"], ptr["a"], n, tt, ts, stats, DT=tl.float32, ADT=tl.float32, BLOCK=block, ALIGNED=True,
+            num_warps=nw)))
+
+    for block, nw in itertools.product(blocks, warps):
+        sweep(block, nw)
+
+    keeps = [1 - x for x in a]
+    record("mask", "torch._foreach_mul_", _median_ms(lambda: torch._foreach_mul_(g, keeps)))
+    sgd = torch.optim.SGD(p, lr=1e-6, momentum=0.9, fused=True)
+    adamw = torch.optim.AdamW(p, lr=1e-6, fused=True)
+    for x, y in zip(p, g, strict=True):
+        x.grad = y
+    record("sgd_momentum", "torch fused (unmasked)", _median_ms(sgd.step))
+    record("adamw", "torch fused (unmasked)", _median_ms(adamw.step))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1e8,1e9")
+    parser.add_argument("--blocks", default="1024,2048,4096,8192")
+    parser.add_argument("--warps", default="4,8")
+    args = parser.parse_args(argv)
+    bandwidth = copy_bandwidth(torch.device("cuda"), 1 << 30)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    for size in args.sizes.split(","):
+        tune(int(float(size)), [int(b) for b in args.blocks.split(",")], [int(w) for w in args.warps.split(",")],
+             bandwidth)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
