@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu`: on a machine with a CUDA GPU, the whole test suite compiled (no Triton interpreter), the GPU-only
-# tests included, the harness's digits run on the GPU, then every benchmark with --e2e. Everything lands in bench/results/<gpu>-<date>/ (or $RESULTS).
+# tests included, the harness's digits run on the GPU, then every benchmark with --e2e. Everything lands in
+# bench/results/<gpu>-<date>/ (or $RESULTS).
 # PY picks the interpreter (default python3: the machine's CUDA build of torch, not the CPU-only .venv);
 # PYTEST_ARGS and BENCH_ARGS are passed through.
 set -uo pipefail
@@ -17,7 +18,8 @@ tests=${PIPESTATUS[0]}
 # The harness: SPG on the embedded digits sequence (results and time per task in results.json) on the GPU, then
 # on this machine's CPU for the time per task.
 for device in cuda cpu; do
-    $PY -m spg_fast.cli run --device $device --out "$out/harness-digits-$device" 2>&1 | tee "$out/harness-digits-$device.txt"
+    $PY -m spg_fast.cli run --device $device --out "$out/harness-digits-$device" 2>&1 \
+        | tee "$out/harness-digits-$device.txt"
 done
 # shellcheck disable=SC2086
 $PY -m bench.run --out "$out" --e2e ${BENCH_ARGS:-} 2>&1 | tee "$out/raw-output.txt"

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Elements per program. 1024 fp32 elements with 4 warps is 8 per thread: two 16-byte vectors. Measured on an H100
-# (python -m bench.tune, bench/results/NVIDIA-H100-80GB-HBM3-2026-11-22/tune.txt): at 1e8 and 1e9 parameters the
+# (python -m bench.tune, bench/results/NVIDIA-H100-80GB-HBM3-2026-11-22/2-tune/tune.txt): at 1e8 and 1e9 parameters the
 # mask, masked SGD and masked AdamW kernels reach 100-103% of copy bandwidth with 1024/4; 2048-8192 elements and
 # 8 warps were never faster and some were far slower (AdamW 2048/4: 59%, 8192/4: 13%).
 BLOCK = 1024
@@ -139,14 +139,12 @@ class LaunchPlan(NamedTuple):
 _PLANS: OrderedDict[tuple, LaunchPlan] = OrderedDict()
 
 
-def _pairs_with_first(lists: Sequence[Sequence[Tensor | None]]) -> bool:
+def _pairs_with_first(lists: Sequence[Sequence[Tensor]]) -> bool:
     """True when every tensor of every list is dense and laid out like its counterpart in the first list, so that
     the kernels can address all of them by one storage offset."""
     first = lists[0]
-    if not all(is_dense(t) for t in first):
-        return False
-    return all(t is None or (t.dtype.is_floating_point and same_layout(t, ref))
-               for lst in lists[1:] for t, ref in zip(lst, first, strict=False))
+    return all(map(is_dense, first)) and all(same_layout(t, ref) for lst in lists[1:]
+                                             for t, ref in zip(lst, first, strict=False))
 
 
 def _build(lists: Sequence[Sequence[Tensor]], device: torch.device, scalars: Sequence[Tensor],

@@ -16,8 +16,10 @@ on an H100.) Divisions are IEEE-rounded (``div_rn``), as torch's are.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -173,7 +175,7 @@ def _f32_parts(x: float) -> tuple[float, float]:
     float32, and the Adam bias corrections are formed in float64 as torch forms them."""
     if not math.isfinite(x):
         return x, 0.0
-    hi = float(torch.tensor(x, dtype=torch.float32))
+    hi = float(np.float32(x))
     return hi, x - hi
 
 
@@ -181,8 +183,11 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def _scalar_or_dummy(t: Tensor | None, device: torch.device) -> Tensor:
-    return t if t is not None else torch.empty(1, device=device)
+@functools.cache
+def _dummy(device: torch.device) -> Tensor:
+    """Stands in for an absent scalar tensor (its flag tells the kernel not to read it); one per device, so a
+    steady-state step allocates nothing."""
+    return torch.empty(1, device=device)
 
 
 def _flags(params: list[Tensor], factors: list[Tensor], scale: Tensor | None, grad_scale: Tensor | None,
@@ -193,7 +198,7 @@ def _flags(params: list[Tensor], factors: list[Tensor], scale: Tensor | None, gr
 
 
 def _scalars(device: torch.device, *tensors: Tensor | None) -> list[Tensor]:
-    return [_scalar_or_dummy(t, device) for t in tensors]
+    return [_dummy(device) if t is None else t for t in tensors]
 
 
 def _sgd_step_impl(params: list[Tensor], grads: list[Tensor], importances: list[Tensor],

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementation of SPG's tensor operations (see ``SPG_SPEC.md``).
+"""Pure-PyTorch reference implementation of SPG's tensor operations (see ``docs/semantics.md``).
 
 These functions are the CPU backend and the oracle every Triton kernel is tested against. They run on any device
 and any floating dtype, and compute in float32 or wider (the promotion of the input dtype with float32).
