@@ -10,7 +10,8 @@ STREAMS = {
     "sgd_momentum_masked": dict(param_reads=3, param_writes=2, importance_reads=1, importance_writes=0),
     "adamw": dict(param_reads=4, param_writes=3, importance_reads=0, importance_writes=0),     # p, g, m, v
     "adamw_masked": dict(param_reads=4, param_writes=3, importance_reads=1, importance_writes=0),
-    "importance": dict(param_reads=1, param_writes=0, importance_reads=1, importance_writes=1),  # h, A -> A
+    # h, A -> A; the design's two passes read h twice (statistics, then the update): 16 B per float32 element.
+    "importance": dict(param_reads=2, param_writes=0, importance_reads=1, importance_writes=1),
     # The two passes of the fused importance kernel: statistics read h; the update reads h and A, writes A.
     "importance_stats": dict(param_reads=1, param_writes=0, importance_reads=0, importance_writes=0),
     "importance_update": dict(param_reads=1, param_writes=0, importance_reads=1, importance_writes=1),

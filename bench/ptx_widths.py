@@ -16,33 +16,33 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from spg_fast.kernels import importance, optimizer_steps, soft_mask
+from spg_fast.kernels.triton import adam_step, importance_max, sgd_step, soft_mask
 
 _ACCESS = re.compile(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)")
 _COMMON = {"numels": "*i64", "tile_tensor": "*i64", "tile_start": "*i64"}
-_OPT = {"scale_ptr": "*fp32", "n_shared": "i32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+_OPT = {"scale_ptr": "*fp32", "n_shared": "i32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "lr_ptr": "*fp32"}
 
 
 def kernels(dtype: tl.dtype) -> dict[str, tuple[object, dict[str, str], dict[str, object]]]:
     """name -> (kernel, runtime signature, constexprs) for parameters of ``dtype`` and float32 importance."""
     flags = dict(PDT=dtype, ADT=tl.float32, HAS_MASK=True, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False,
-                 MAXIMIZE=False, HAS_WD=True, BLOCK=1024, ALIGNED=True)
+                 LR_TENSOR=False, MAXIMIZE=False, HAS_WD=True, BLOCK=1024, ALIGNED=True)
     ptrs = lambda *names: {n: "*i64" for n in names}  # noqa: E731
     return {
-        "importance._tile_stats": (importance._tile_stats, {**ptrs("h_ptrs"), **_COMMON, "partials": "*fp64"},
+        "importance_max._tile_stats": (importance_max._tile_stats, {**ptrs("h_ptrs"), **_COMMON, "partials": "*fp64"},
                                    dict(DT=dtype, BLOCK=1024, ALIGNED=True)),
-        "importance._update": (importance._update, {**ptrs("h_ptrs", "a_ptrs"), **_COMMON, "stats": "*fp64"},
+        "importance_max._update": (importance_max._update, {**ptrs("h_ptrs", "a_ptrs"), **_COMMON, "stats": "*fp64"},
                                dict(DT=dtype, ADT=tl.float32, BLOCK=1024, ALIGNED=True)),
         "soft_mask._soft_mask": (soft_mask._soft_mask, {**ptrs("g_ptrs", "a_ptrs"), **_COMMON, "scale_ptr": "*fp32",
                                                         "n_shared": "i32"},
                                  dict(GDT=dtype, ADT=tl.float32, BLOCK=1024, ALIGNED=True)),
-        "optimizer_steps._sgd_step": (
-            optimizer_steps._sgd_step,
+        "sgd_step._sgd_step": (
+            sgd_step._sgd_step,
             {**ptrs("p_ptrs", "g_ptrs", "a_ptrs", "buf_ptrs"), "first_flags": "*i8", **_COMMON, **_OPT,
              "lr": "fp32", "weight_decay": "fp32", "momentum": "fp32", "undamped": "fp32"},
             dict(flags, HAS_MOMENTUM=True, NESTEROV=False)),
-        "optimizer_steps._adam_step": (
-            optimizer_steps._adam_step,
+        "adam_step._adam_step": (
+            adam_step._adam_step,
             {**ptrs("p_ptrs", "g_ptrs", "a_ptrs", "m_ptrs", "v_ptrs", "vmax_ptrs", "step_ptrs"), **_COMMON, **_OPT,
              **{k: "fp32" for k in ("lr_hi", "lr_lo", "one_minus_beta1", "beta2", "one_minus_beta2", "log_beta1_hi",
                                     "log_beta1_lo", "log_beta2_hi", "log_beta2_lo", "eps", "weight_decay", "decay")}},

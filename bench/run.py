@@ -4,7 +4,7 @@
                         [--ops mask,sgd_momentum_masked,adamw_masked,importance] [--no-compile] [--e2e]
 
 Each measurement is reported as time, GB/s by the bytes model (bench/bytes_model.py) and as a fraction of the
-device's copy bandwidth, which is measured first.
+device's streaming bandwidth (a copy on a GPU, an in-place triad on the CPU), which is measured first.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import spg_fast
 from bench import bytes_model
 from bench.ops import BYTES_OP, IMPLEMENTATIONS, MODEL_SHAPES, make_problem, synthetic_shapes
-from bench.timing import copies_to_rotate, copy_bandwidth, median_seconds
-from spg_fast.backend import fused_steps
+from bench.timing import copies_to_rotate, median_seconds, stream_bandwidth
+from spg_fast.backend import resolve_backend
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -36,20 +36,22 @@ def _free_bytes(device: torch.device) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def _environment(device: torch.device, bandwidth: float) -> dict:
+def _environment(device: torch.device, bandwidth: float, ceiling: str) -> dict:
     import triton
 
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "device_type": device.type, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": triton.__version__, "spg_fast": spg_fast.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "copy_bandwidth_GBps": bandwidth / 1e9, "spg_fast_optim_steps": _step_path(device)}
+            "stream_bandwidth_GBps": bandwidth / 1e9, "stream_bandwidth_measured_by": ceiling,
+            "spg_fast_optim_steps": _step_path(device)}
 
 
 def _step_path(device: torch.device) -> str:
-    """Which implementation spg_fast.optim steps with on this device (spg_fast.backend.fused_steps)."""
-    module = fused_steps("triton" if device.type == "cuda" else "torch", [torch.zeros(1, device=device)])
-    return module.__name__ if module is not None else "mask .grad, then torch's fused step"
+    """Which implementation spg_fast.optim steps with on this device (spg_fast.backend.Ops.step_kernels)."""
+    ops = resolve_backend("auto", [("p", torch.zeros(1, device=device))])
+    kernels = ops.step_kernels([torch.zeros(1, device=device)])
+    return kernels.sgd_step_.__module__ if kernels is not None else "mask .grad, then torch's fused step"
 
 
 def measure(op: str, impls: list[str], shapes: list[tuple[int, ...]], label: str, dtype: torch.dtype,
@@ -89,7 +91,7 @@ def measure(op: str, impls: list[str], shapes: list[tuple[int, ...]], label: str
         gbps = numel * per_element / seconds / 1e9
         rows.append({"op": op, "impl": impl, "problem": label, "params": numel, "tensors": len(shapes),
                      "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
-                     "min_bytes": numel * per_element, "GBps": gbps, "fraction_of_copy": gbps * 1e9 / bandwidth,
+                     "min_bytes": numel * per_element, "GBps": gbps, "fraction_of_stream": gbps * 1e9 / bandwidth,
                      "interleaved": together})
     return rows
 
@@ -180,13 +182,14 @@ def plots(rows: list[dict], out: Path) -> None:
 def markdown(env: dict, rows: list[dict], e2e: list[dict]) -> str:
     lines = [f"# spg-fast benchmarks on {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, spg-fast {env['spg_fast']}, {env['threads']} threads. "
-             f"Measured copy bandwidth: {env['copy_bandwidth_GBps']:.1f} GB/s (read + write).", "",
+             f"Measured streaming bandwidth: {env['stream_bandwidth_GBps']:.1f} GB/s (read + write; "
+             f"{env['stream_bandwidth_measured_by']}).", "",
              "Bytes model (fewest bytes per parameter element):", "", bytes_model.table(), ""]
     for op in dict.fromkeys(r["op"] for r in rows):
-        lines += [f"## {op}", "", "| problem | params | impl | ms | GB/s | of copy BW |", "|---|---|---|---|---|---|"]
+        lines += [f"## {op}", "", "| problem | params | impl | ms | GB/s | of stream BW |", "|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["op"] == op):
             lines.append(f"| {r['problem']} | {r['params']:.3g} | {r['impl']} | {r['seconds'] * 1e3:.3f} | "
-                         f"{r['GBps']:.1f} | {r['fraction_of_copy']:.0%} |")
+                         f"{r['GBps']:.1f} | {r['fraction_of_stream']:.0%} |")
         lines.append("")
     if e2e:
         lines += ["## End to end", "", "| model | what | ms | overhead vs no SPG |", "|---|---|---|---|"]
@@ -212,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
-    bandwidth = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 28)
-    env = _environment(device, bandwidth)
-    print(f"{env['device']}: copy bandwidth {env['copy_bandwidth_GBps']:.1f} GB/s", flush=True)
+    bandwidth, ceiling = stream_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 28)
+    env = _environment(device, bandwidth, ceiling)
+    print(f"{env['device']}: streaming bandwidth {env['stream_bandwidth_GBps']:.1f} GB/s ({ceiling})", flush=True)
     default_sizes = "1e5,1e6,1e7,1e8,1e9" if device.type == "cuda" else "1e5,1e6,1e7"
     problems = [(f"synthetic {float(s):.0e}", synthetic_shapes(int(float(s))))
                 for s in (args.sizes or default_sizes).split(",")]

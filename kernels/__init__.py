@@ -1,7 +1,4 @@
-"""Triton kernels for SPG, installed as ``spg_fast.kernels``; each is a ``torch.library`` custom op whose contract
-is that of its reference in ``spg_fast.reference`` (see each module)."""
-
-from spg_fast.kernels.importance import importance_max_
-from spg_fast.kernels.soft_mask import soft_mask_
-
-__all__ = ["importance_max_", "soft_mask_"]
+"""spg-fast's native code, installed as ``spg_fast.kernels``: the Triton kernels (``triton/``, CUDA, and the CPU under
+Triton's interpreter) and the C optimizer steps for CPU tensors (``cpu/``). Each op is one module named after it;
+its contract is that of its reference in ``spg_fast.reference`` or, for the optimizer steps, "mask the gradient,
+then torch's fused step". ``spg_fast.backend`` chooses among them; nothing here imports the rest of spg_fast."""

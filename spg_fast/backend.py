@@ -1,14 +1,15 @@
-"""The one place that chooses which implementation of SPG's tensor operations runs.
+"""The one place that chooses which implementation of SPG's tensor operations runs, optimizer steps included.
 
-``"torch"`` is the pure-PyTorch reference (any device, any floating dtype). ``"triton"`` runs the kernels of
-``spg_fast.kernels`` on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1`` is
-set (how CI tests them). ``"auto"`` picks Triton for CUDA tensors of supported dtypes when Triton is installed,
+``"torch"`` is the pure-PyTorch reference (any device, any floating dtype). ``"triton"`` runs the Triton kernels of
+``spg_fast.kernels.triton`` on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1``
+is set (how CI tests them). ``"auto"`` picks Triton for CUDA tensors of supported dtypes when Triton is installed,
 the reference otherwise; both compute the same results (see the kernels' parity tests).
 
-``spg_fast.optim``'s steps are chosen here too (``fused_steps``): the Triton kernels on the triton backend; on the
-torch backend, the native CPU kernels of ``spg_fast.cpu`` for contiguous float32/float64 CPU tensors (built with
-the system C compiler on first use; ``SPG_FAST_NATIVE=0`` turns them off, ``=1`` makes a failed build an error),
-and otherwise "mask ``.grad``, then torch's fused step". All three compute the same update up to float rounding.
+``spg_fast.optim``'s fused steps come from the same ``Ops`` (``Ops.step_kernels``): the Triton kernels on the triton
+backend; on the torch backend, the native CPU kernels of ``spg_fast.kernels.cpu`` for contiguous float32/float64
+CPU tensors (built with the system C compiler on first use; ``SPG_FAST_NATIVE=0`` turns them off, ``=1`` makes a
+failed build an error), and otherwise none: "mask ``.grad``, then torch's fused step". All three compute the same
+update up to float rounding.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,16 +29,24 @@ from spg_fast import reference
 
 BACKENDS = ("auto", "torch", "triton")
 NATIVE_SETTINGS = ("auto", "0", "1")
-TRITON_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TRITON_IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class StepKernels(NamedTuple):
+    """Fused masked optimizer steps with the signatures of ``spg_fast.kernels.triton.sgd_step.sgd_step_`` and
+    ``adam_step.adam_step_``; they take the backend's mask factors."""
+
+    sgd_step_: Callable[..., None]
+    adam_step_: Callable[..., None]
 
 
 @dataclass(frozen=True)
 class Ops:
     """SPG's tensor operations as one backend implements them (signatures as in ``spg_fast.reference``).
 
-    ``mask_factors(importances)`` gives, per shared tensor, what ``soft_mask_`` multiplies by: the keep factor
-    ``1 - A`` for the reference, ``A`` itself for the kernels (which form ``1 - A`` in registers).
+    ``mask_factors(importances)`` gives, per shared tensor, what ``soft_mask_`` and the step kernels multiply by:
+    the keep factor ``1 - A`` for the reference and the native CPU steps, ``A`` itself for the Triton kernels
+    (which form ``1 - A`` in registers). ``step_kernels(tensors)`` gives the fused steps that serve a batch of
+    ``spg_fast.optim`` (every tensor the step touches), or None: mask ``.grad``, then torch's fused step.
     """
 
     name: str
@@ -45,6 +54,52 @@ class Ops:
     mask_factors: Callable[[Sequence[Tensor]], list[Tensor]]
     head_scale: Callable[[Sequence[Tensor]], Tensor]
     soft_mask_: Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], Tensor], None]
+    step_kernels: Callable[[Sequence[Tensor]], StepKernels | None]
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _triton_ops() -> Ops:
+    from spg_fast.kernels.triton.adam_step import adam_step_
+    from spg_fast.kernels.triton.importance_max import importance_max_
+    from spg_fast.kernels.triton.sgd_step import sgd_step_
+    from spg_fast.kernels.triton.soft_mask import soft_mask_
+
+    steps = StepKernels(sgd_step_, adam_step_)
+    return Ops(name="triton", importance_max_=importance_max_, mask_factors=list, head_scale=reference.head_scale,
+               soft_mask_=soft_mask_, step_kernels=lambda tensors: steps)
+
+
+@functools.cache
+def _native_build_problem() -> str | None:
+    """Why the native CPU kernels cannot be built here (None: built and loaded); tried once per process."""
+    from spg_fast.kernels.cpu.build import NativeBuildError, load
+
+    try:
+        load()
+    except NativeBuildError as error:
+        if os.environ.get("SPG_FAST_NATIVE") == "1":
+            raise
+        warnings.warn(f"spg_fast: the native CPU optimizer steps are unavailable ({error}); spg_fast.optim masks "
+                      ".grad and runs torch's fused step instead, the same update up to float rounding",
+                      RuntimeWarning, stacklevel=5)
+        return str(error)
+    return None
+
+
+def _native_steps(tensors: Sequence[Tensor]) -> StepKernels | None:
+    """The native CPU steps when they can serve ``tensors`` and ``SPG_FAST_NATIVE`` allows them, else None."""
+    setting = os.environ.get("SPG_FAST_NATIVE", "auto")
+    if setting not in NATIVE_SETTINGS:
+        raise ValueError(f"SPG_FAST_NATIVE={setting!r} is not one of {', '.join(NATIVE_SETTINGS)}")
+    from spg_fast.kernels.cpu import adam_step, launch, sgd_step
+
+    if setting == "0" or launch.problem(tensors) is not None or _native_build_problem() is not None:
+        return None
+    return StepKernels(sgd_step.sgd_step_, adam_step.adam_step_)
 
 
 TORCH_OPS = Ops(
@@ -53,29 +108,21 @@ TORCH_OPS = Ops(
     mask_factors=reference.keep_factors,
     head_scale=reference.head_scale,
     soft_mask_=reference.soft_mask_,
+    step_kernels=_native_steps,
 )
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_ops() -> Ops:
-    from spg_fast.kernels import importance_max_, soft_mask_
-
-    return Ops(name="triton", importance_max_=importance_max_, mask_factors=list,
-               head_scale=reference.head_scale, soft_mask_=soft_mask_)
 
 
 def _triton_problem(named: Iterable[tuple[str, Tensor]], importance_dtype: torch.dtype | None) -> str | None:
     """Why the kernels cannot serve these parameters, or None when they can."""
     if not triton_available():
         return "Triton is not installed"
-    if importance_dtype is not None and importance_dtype not in TRITON_IMPORTANCE_DTYPES:
-        return f"importance_dtype {importance_dtype} is not one of {TRITON_IMPORTANCE_DTYPES}"
+    from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES
+
+    if importance_dtype is not None and importance_dtype not in IMPORTANCE_DTYPES:
+        return f"importance_dtype {importance_dtype} is not one of {IMPORTANCE_DTYPES}"
     for name, p in named:
-        if p.dtype not in TRITON_GRAD_DTYPES:
-            return f"parameter {name!r} has dtype {p.dtype}; the kernels take {TRITON_GRAD_DTYPES}"
+        if p.dtype not in GRAD_DTYPES:
+            return f"parameter {name!r} has dtype {p.dtype}; the kernels take {GRAD_DTYPES}"
         if p.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return f"parameter {name!r} is on the CPU, where Triton runs only with TRITON_INTERPRET=1"
         if p.device.type not in ("cpu", "cuda"):
@@ -101,37 +148,3 @@ def resolve_backend(backend: str, named_params: Sequence[tuple[str, Tensor]],
         return _triton_ops()
     on_cuda = all(p.device.type == "cuda" for _, p in named_params)
     return _triton_ops() if on_cuda and problem is None else TORCH_OPS
-
-
-@functools.cache
-def _native_build_problem() -> str | None:
-    """Why the native CPU kernels cannot be built here (None: built and loaded); tried once per process."""
-    from spg_fast.cpu.build import NativeBuildError, load
-
-    try:
-        load()
-    except NativeBuildError as error:
-        if os.environ.get("SPG_FAST_NATIVE") == "1":
-            raise
-        warnings.warn(f"spg_fast: the native CPU optimizer steps are unavailable ({error}); spg_fast.optim masks "
-                      ".grad and runs torch's fused step instead, the same update up to float rounding",
-                      RuntimeWarning, stacklevel=3)
-        return str(error)
-    return None
-
-
-def fused_steps(backend: str, tensors: Sequence[Tensor]) -> ModuleType | None:
-    """The module whose ``sgd_step_``/``adam_step_`` update a batch of ``spg_fast.optim`` on the SPG ``backend``
-    (its name), given every tensor the step touches; None: mask ``.grad``, then torch's fused step."""
-    if backend == "triton":
-        from spg_fast.kernels import optimizer_steps
-
-        return optimizer_steps
-    setting = os.environ.get("SPG_FAST_NATIVE", "auto")
-    if setting not in NATIVE_SETTINGS:
-        raise ValueError(f"SPG_FAST_NATIVE={setting!r} is not one of {', '.join(NATIVE_SETTINGS)}")
-    from spg_fast.cpu import steps
-
-    if setting == "0" or steps.problem(tensors) is not None or _native_build_problem() is not None:
-        return None
-    return steps

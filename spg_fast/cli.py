@@ -1,79 +1,277 @@
-"""``spg-fast``: run SPG and baselines on task sequences from the command line."""
+"""``spg-fast``: run SPG and baselines on task sequences from the command line. Every value is checked before any
+data is read or any training starts; a bad one is a one-line ``spg-fast: error: --option: why`` and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shlex
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, NoReturn
 
+from spg_fast.harness.config import ConfigError, TrainConfig
 from spg_fast.harness.models import BACKBONES
-from spg_fast.harness.sequences import SEQUENCES
-from spg_fast.harness.training import METHODS, TrainConfig
+from spg_fast.harness.protocol import PROTOCOLS, preset, resolve
+from spg_fast.harness.sequences import EMBEDDED, SEQUENCES
+from spg_fast.harness.training import METHODS
 
-SEQUENCE_HELP = "sequences: " + "; ".join(
-    f"{name} ({(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else 'see README'})"
-    for name, fn in SEQUENCES.items())
+SEQUENCE_TEXT = {
+    "digits": "scikit-learn's bundled 8x8 digits, 5 tasks of 2 classes (embedded, the default)",
+    "digits-permuted": "the same digits, 10 tasks of all 10 classes, one pixel permutation per task (embedded)",
+    "fashion-mnist": "Fashion-MNIST's IDX files in <data-dir>/fashion-mnist/, 5 tasks of 2 classes",
+    "cifar100-10": "CIFAR-100 (python release) in <data-dir>/cifar-100-python/, 10 tasks of 10 classes",
+    "cifar100-20": "the same, 20 tasks of 5 classes",
+    "tinyimagenet-10": "TinyImageNet in <data-dir>/tiny-imagenet-200/, 10 tasks of 20 classes",
+    "tinyimagenet-20": "the same, 20 tasks of 10 classes",
+    "femnist-10": "LEAF's FEMNIST json files in <data-dir>/femnist/{train,test}/, 10 groups of writers, 62 classes",
+    "femnist-20": "the same, 20 groups of writers",
+}
+EPILOG = ("sequences:\n" + "\n".join(f"  {name:<16} {SEQUENCE_TEXT[name]}" for name in SEQUENCES) +
+          "\n\nWithout --data-dir files are read from ./data (Fashion-MNIST also from /usr/share/datasets/"
+          "fashion-mnist,\nDebian's dataset-fashion-mnist). Ctrl-C stops after saving; --resume continues.")
+MAX_SEED = 2**32 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``spg-fast: error: --option: why`` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = message.removeprefix("unrecognized arguments: ")
+        if unknown != message:
+            message = f"{unknown.split()[0]}: not an option here (see --help)"
+        self.exit(2, f"spg-fast: error: {message.removeprefix('argument ')}\n")
+
+
+def _whole(low: int, high: int | None = None) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _setting_type(f: Any) -> Any:
+    kind, check = type(f.default), f.metadata["check"]
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            kind_name = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind_name}, got {text!r}") from None
+        if kind is float and math.isnan(value):
+            raise argparse.ArgumentTypeError("must be a number, got 'nan'")
+        why = check(value) if check else None
+        if why:
+            raise argparse.ArgumentTypeError(f"{why}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _list(kind: str, item: Any) -> Any:
+    def parse(text: str) -> tuple[Any, ...]:
+        parts = [p.strip() for p in text.split(",")]
+        if not any(parts):
+            raise argparse.ArgumentTypeError(f"give at least one {kind}")
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"empty {kind} in {text!r}")
+        values = tuple(item(p) for p in parts)
+        repeated = sorted({p for p in parts if parts.count(p) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given more than once")
+        return values
+
+    return parse
+
+
+def _method(text: str) -> str:
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHODS)}")
+    return text
+
+
+def _seed(text: str) -> int:
+    return _whole(0, MAX_SEED)(text)
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: the harness runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available to this torch ({torch.__version__})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _folder(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return path
+
+
+def _setting_help(f: Any) -> str:
+    quick = preset("quick", "digits")[f.name]
+    paper = "the authors' rate for the sequence (0 where they have none)" if f.name.startswith("dropout") else (
+        "on for image sequences" if f.name == "normalize" else preset("paper", "cifar100-10")[f.name])
+    if f.name in ("lr", "lr_min"):
+        quick = f"{quick} with sgd, {preset('quick', 'digits', 'sgd-momentum')[f.name]} with sgd-momentum, " \
+                f"{preset('quick', 'digits', 'adamw')[f.name]} with adamw"
+        paper = f"{paper} with sgd"
+    if f.name == "normalize":
+        quick = "off"
+    return f"{f.metadata['help']} (quick: {quick}; paper: {paper})"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence", default="digits", choices=list(SEQUENCES), metavar="NAME",
-                   help=f"task sequence (default digits): {', '.join(SEQUENCES)}")
-    p.add_argument("--backbone", choices=BACKBONES, help="default: mlp for vector data, alexnet for images")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--data-dir", type=Path, help="folder holding the sequence's files (not needed for digits)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="SPG backend")
-    defaults = TrainConfig()
+                   help="the task sequence (default digits; the list is below)")
+    p.add_argument("--protocol", default="quick", choices=PROTOCOLS,
+                   help="preset for every training setting below: quick (seconds on a CPU, default) or paper (the "
+                   "authors' setting for the sequence); an option given explicitly overrides its preset value")
+    p.add_argument("--backbone", choices=BACKBONES,
+                   help="mlp, alexnet (the authors' conv net) or resnet18 (reduced, with BatchNorm); default: mlp "
+                   "for the digits, alexnet for image sequences")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--data-dir", type=_folder, metavar="DIR",
+                   help="folder holding the sequence's files (default ./data; not used by the digits)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="SPG's implementation: auto (Triton kernels on CUDA, PyTorch otherwise), torch or triton")
+    p.add_argument("--tasks", type=_whole(1), metavar="N", help="learn only the sequence's first N tasks")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run(s) in --out after the last finished task (finished runs are kept)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
     for f in fields(TrainConfig):
-        value = getattr(defaults, f.name)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value,
-                       help=f"training protocol (default {value})")
-
-
-def _config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+        flag = f"--{f.name.replace('_', '-')}"
+        if type(f.default) is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_setting_help(f))
+        elif f.metadata["choices"]:
+            p.add_argument(flag, choices=f.metadata["choices"], default=None, help=_setting_help(f))
+        else:
+            p.add_argument(flag, type=_setting_type(f), default=None, metavar=type(f.default).__name__.upper(),
+                           help=_setting_help(f))
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="spg-fast", description="SPG (parameter-level soft-masking) for continual "
-                                  "learning: run methods on task sequences and report accuracy, forgetting and "
-                                  "transfer.", epilog=SEQUENCE_HELP)
-    sub = top.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="one method on one sequence (default: spg on the embedded digits)",
-                         epilog=SEQUENCE_HELP)
-    run.add_argument("--method", default="spg", choices=METHODS, help="spg, finetune (no protection) or one "
-                     "(a separate network per task); default spg")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", type=Path, default=Path("runs/latest"), help="output folder (default runs/latest)")
+    top = _Parser(prog="spg-fast", description="SPG (parameter-level soft-masking) for continual learning: run "
+                  "methods on task sequences and report accuracy, forgetting and transfer. Without a command: run.",
+                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", metavar="{run,compare}")
+    run = sub.add_parser("run", help="one method on one sequence (default: spg on the digits)", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Learn the sequence's tasks in order with one method; print and write the "
+                         "accuracy matrix and metrics.")
+    run.add_argument("--method", default="spg", choices=METHODS,
+                     help="spg (default), finetune (the same network without protection) or one (a network per "
+                     "task)")
+    run.add_argument("--seed", type=_seed, default=0,
+                     help="seed of the class order, splits, initial weights and batch order (default 0)")
+    run.add_argument("--out", type=Path, help="output folder (default runs/<sequence>-<method>-seed<N>-<date-time>)")
     _add_common(run)
-    cmp = sub.add_parser("compare", help="several methods over several seeds, side by side", epilog=SEQUENCE_HELP)
-    cmp.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
-    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    cmp.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
+    cmp = sub.add_parser("compare", help="several methods over several seeds, side by side", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Run every method with every seed on one sequence; write each run and a "
+                         "mean ± standard deviation table.")
+    cmp.add_argument("--methods", type=_list("method", _method), default=METHODS,
+                     help=f"comma-separated (default {','.join(METHODS)})")
+    cmp.add_argument("--seeds", type=_list("seed", _seed), default=(0, 1, 2),
+                     help="comma-separated seeds (default 0,1,2)")
+    cmp.add_argument("--out", type=Path, help="output folder (default runs/compare-<sequence>-<date-time>)")
     _add_common(cmp)
     return top
 
 
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """Checks that span options; returns the explicitly given training settings."""
+    if args.resume and args.overwrite:
+        p.error("--resume: cannot be combined with --overwrite")
+    if args.data_dir is not None and args.sequence in EMBEDDED:
+        p.error(f"--data-dir: the {args.sequence} sequence is embedded and reads no files")
+    if args.backend == "triton":
+        from spg_fast.backend import triton_available
+
+        if not triton_available():
+            p.error("--backend: triton is not installed")
+        if not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            p.error("--backend: triton needs --device cuda (on the CPU only under TRITON_INTERPRET=1)")
+    explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    try:
+        resolve(args.protocol, args.sequence, explicit)
+    except ConfigError as e:
+        p.error(f"--{e.name.replace('_', '-')}: {e.why}")
+    return explicit
+
+
+def _resume_command(argv: list[str], args: argparse.Namespace, implicit_run: bool) -> str:
+    words = [a for a in argv if a != "--overwrite"]
+    if implicit_run:
+        words.insert(0, "run")
+    if not any(a == "--out" or a.startswith("--out=") for a in words):
+        words += ["--out", str(args.out)]
+    if "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(["spg-fast", *words])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.command is None:
-        args = parser().parse_args(["run", *(argv or [])])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    implicit_run = not argv or argv[0] not in ("run", "compare", "-h", "--help")
+    args = p.parse_args(["run", *argv] if implicit_run else argv)
+    explicit = _check(p, args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.out is None:
+        args.out = Path("runs") / (f"{args.sequence}-{args.method}-seed{args.seed}-{stamp}" if args.command == "run"
+                                   else f"compare-{args.sequence}-{stamp}")
     from spg_fast.harness import api, report
     from spg_fast.harness.formats import DataError
 
-    common = dict(backbone=args.backbone, device=args.device, data_dir=args.data_dir, config=_config(args),
-                  backend=args.backend)
+    common = dict(backbone=args.backbone, device=args.device, data_dir=args.data_dir, protocol=args.protocol,
+                  config=explicit, backend=args.backend, out=args.out, resume=args.resume,
+                  overwrite=args.overwrite, tasks=args.tasks)
     try:
         if args.command == "run":
-            result = api.run(args.sequence, args.method, seed=args.seed, out=args.out, **common)
+            result = api.run(args.sequence, args.method, seed=args.seed, **common)
             print(report.matrix_table(result["acc_matrix"]))
             print(report.summary_table(result))
         else:
-            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-            seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
-            result = api.compare(args.sequence, methods, seeds, out=args.out, **common)
+            result = api.compare(args.sequence, args.methods, args.seeds, **common)
             print(report.comparison_table(result["summary"]))
-    except (DataError, ValueError) as e:
+    except api.RunInterrupted as e:
+        print(f"spg-fast: {e.message}; continue with: {_resume_command(argv, args, implicit_run)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"spg-fast: interrupted; continue with: {_resume_command(argv, args, implicit_run)}", file=sys.stderr)
+        return 130
+    except DataError as e:
+        print(f"spg-fast: error: --data-dir: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"spg-fast: error: --{e.name.replace('_', '-')}: {e.why}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"spg-fast: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}/")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,19 +19,45 @@ class Partition:
     heads: dict[str, nn.Parameter]
 
 
+def inner_module(model: nn.Module) -> nn.Module:
+    """The module whose parameter names SPG uses: ``model`` without its DistributedDataParallel / DataParallel
+    (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, so that head prefixes, importance names and
+    checkpoints are the same with or without them. FSDP1 renames parameters inside the model and is refused."""
+    # Looked up, not imported: importing FSDP costs seconds, and a model cannot be one unless it was imported.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    while True:
+        if fsdp is not None and isinstance(model, fsdp.FullyShardedDataParallel):
+            raise TypeError("SPG does not support FullyShardedDataParallel (FSDP1) models; use "
+                            "DistributedDataParallel")
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _prefix_matches(prefix: str, name: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def partition(model: nn.Module, heads: HeadSpec) -> Partition:
+def partition(model: nn.Module, heads: HeadSpec | None) -> Partition:
     """Every trainable parameter of ``model`` that ``heads`` names is a head parameter; the rest are shared.
 
     ``heads`` holds modules of the model (their parameters, including ones added to them later) and/or
-    parameter-name prefixes (``"heads"`` matches ``heads.0.weight``, never ``headsx.weight``).
+    parameter-name prefixes (``"heads"`` matches ``heads.0.weight``, never ``headsx.weight``). ``None``: the model
+    has no per-task heads, and every trainable parameter is shared.
     """
+    if heads is None:
+        shared = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not shared:
+            raise ValueError("the model has no trainable parameter: SPG needs shared parameters to protect")
+        return Partition(shared=shared, heads={})
     specs = [heads] if isinstance(heads, nn.Module | str) else list(heads)
     if not specs:
-        raise ValueError("heads is empty: name the per-task head modules or their parameter-name prefixes")
+        raise ValueError("heads is empty: name the per-task head modules or their parameter-name prefixes, or pass "
+                         "heads=None for a model without per-task heads")
     submodules = {id(m) for m in model.modules()}
     head_ids: set[int] = set()
     prefixes: list[str] = []

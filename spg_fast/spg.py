@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -10,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spg_fast.backend import resolve_backend
-from spg_fast.importance_pass import accumulate_head_gradients
+from spg_fast.backend import Ops, resolve_backend
+from spg_fast.distributed import refuse_sharded, summed_across_processes, wrapper_forward_refused
+from spg_fast.importance_pass import ImportancePass, PassReport
+from spg_fast.model_state import preserved
 from spg_fast.optimizer import AttachHandle, SPGOptimizer, attach
-from spg_fast.params import HeadSpec, partition
+from spg_fast.params import HeadSpec, inner_module, partition
 from spg_fast.reference import compute_dtype
 
 STATE_FORMAT = 1
@@ -23,9 +24,15 @@ class SPG:
     """Parameter-level soft-masking (Konishi et al., ICML 2023) for one model trained on a sequence of tasks.
 
     ``heads`` names the per-task head modules (modules of ``model``, or parameter-name prefixes); every other
-    trainable parameter is shared. After learning task ``k`` call ``end_task(k, loader, forward)``; from then on
+    trainable parameter is shared. ``heads=None`` (the default) is a model without per-task heads (one shared
+    output: domain-incremental learning, continual fine-tuning): every trainable parameter is shared, and the
+    model is called as ``model(x)``. After learning task ``k`` call ``end_task(k, loader, forward)``; from then on
     every optimizer step (through ``wrap``, ``attach`` or ``mask_gradients``) scales each shared gradient by
     ``1 - A`` and each head gradient by ``1 - mean(A)``. State lives on the parameters' device.
+
+    ``model`` may be wrapped in DistributedDataParallel or ``torch.compile``: parameter names (``heads`` prefixes,
+    ``importance``, checkpoints) are those of the inner module, so they do not depend on the wrapper; a DDP model's
+    ``end_task`` gives every rank the importance of all ranks' data (``spg_fast.distributed``).
 
     ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"`` (see ``spg_fast.backend``). ``importance_dtype`` stores
     ``A`` in float32 (the default; float64 for float64 parameters) or bfloat16, which halves its memory and keeps
@@ -34,20 +41,22 @@ class SPG:
     multiplies by; the Triton kernels form ``1 - A`` in registers.
     """
 
-    def __init__(self, model: nn.Module, heads: HeadSpec, *, backend: str = "auto",
+    def __init__(self, model: nn.Module, heads: HeadSpec | None = None, *, backend: str = "auto",
                  importance_dtype: torch.dtype | None = None) -> None:
         if importance_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"importance_dtype must be None, torch.float32 or torch.bfloat16, got {importance_dtype}")
         self.model = model
+        self._inner = inner_module(model)
         self._heads = heads
         self._importance_dtype = importance_dtype
-        self._partition = partition(model, heads)
+        self._partition = partition(self._inner, heads)
+        refuse_sharded([*self._partition.shared.items(), *self._partition.heads.items()])
         self._ops = resolve_backend(backend, list(self._partition.shared.items()), importance_dtype)
         self._tasks_finished = 0
         self._importance: dict[str, Tensor] = {}
         self._head_scale: Tensor | None = None
+        self._factors: dict[str, Tensor] = {}
         self._slots: dict[Tensor, Tensor | None] = {}
-        self._users: weakref.WeakKeyDictionary[torch.optim.Optimizer, str] = weakref.WeakKeyDictionary()
         self._rebuild_slots()
 
     # ------------------------------------------------------------------ views
@@ -55,6 +64,21 @@ class SPG:
     def backend(self) -> str:
         """Name of the backend running the tensor operations."""
         return self._ops.name
+
+    @property
+    def ops(self) -> Ops:
+        """The backend's operations (``spg_fast.backend.Ops``), which ``spg_fast.optim`` steps with."""
+        return self._ops
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The backend's ops hold compiled kernels; a pickle records the backend's name and resolves it again.
+        state = {**self.__dict__, "_ops": self._ops.name}
+        state.pop("_mask_cache", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._ops = resolve_backend(state["_ops"], list(self._partition.shared.items()), self._importance_dtype)
 
     @property
     def tasks_finished(self) -> int:
@@ -82,7 +106,7 @@ class SPG:
     # ------------------------------------------------------------ parameters
     def _refresh_partition(self) -> None:
         """Pick up head parameters added to the model since construction; shared ones must not change."""
-        fresh = partition(self.model, self._heads)
+        fresh = partition(self._inner, self._heads)
         old, new = self._partition.shared, fresh.shared
         if old.keys() != new.keys() or any(old[n] is not new[n] for n in old):
             added = sorted(new.keys() - old.keys())
@@ -93,14 +117,20 @@ class SPG:
         self._rebuild_slots()
 
     def _rebuild_slots(self) -> None:
-        factors = dict(zip(self._importance, self._ops.mask_factors(list(self._importance.values())), strict=True))
         slots: dict[Tensor, Tensor | None] = {p: None for p in self._partition.heads.values()}
         for name, p in self._partition.shared.items():
-            slots[p] = factors.get(name)
+            slots[p] = self._factors.get(name)
         self._slots = slots
+        self._generation = getattr(self, "_generation", 0) + 1
+
+    @property
+    def mask_generation(self) -> int:
+        """A number that changes whenever ``mask_plan`` may answer differently (a task ended, a checkpoint was
+        loaded, a head was added), so that callers can cache its answer."""
+        return self._generation
 
     def _name_of(self, param: Tensor) -> str | None:
-        return next((n for n, p in self.model.named_parameters() if p is param), None)
+        return next((n for n, p in self._inner.named_parameters() if p is param), None)
 
     def check_parameters(self, params: Iterable[Tensor], where: str) -> None:
         """Raise ``ValueError`` naming every tensor of ``params`` that SPG cannot mask.
@@ -118,18 +148,6 @@ class SPG:
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise ValueError(f"{where}: {len(unknown)} optimized tensor(s) are not parameters of the SPG model "
                              f"({described}{more}); SPG cannot mask their gradients")
-
-    def register_user(self, optimizer: torch.optim.Optimizer, how: str) -> None:
-        """Record that ``optimizer`` masks through this SPG (``how``), refusing a second registration."""
-        if optimizer in self._users:
-            raise RuntimeError(f"this optimizer already masks gradients through SPG ({self._users[optimizer]}); "
-                               "masking twice would scale gradients twice")
-        self.check_parameters((p for g in optimizer.param_groups for p in g["params"]),
-                              f"SPG.{how}({type(optimizer).__name__})")
-        self._users[optimizer] = how
-
-    def unregister_user(self, optimizer: torch.optim.Optimizer) -> None:
-        self._users.pop(optimizer, None)
 
     # -------------------------------------------------------------- masking
     def _factor(self, p: Tensor) -> Tensor | None:
@@ -157,83 +175,134 @@ class SPG:
         """
         if self._head_scale is None:
             return
-        grads: list[Tensor] = []
-        factors: list[Tensor] = []
-        head_grads: list[Tensor] = []
-        for p in self._slots if params is None else params:
-            g = p.grad
-            if g is None:
-                continue
-            factor = self._factor(p)
+        shared, factors, heads = self._mask_lists(list(self._slots) if params is None else list(params))
+        grads = [p.grad for p in shared]
+        head_grads = [g for g in (p.grad for p in heads) if g is not None]
+        if any(g is None for g in grads):
+            factors = [f for f, g in zip(factors, grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
+        for g in (*grads, *head_grads):
             if g.is_sparse:
-                raise TypeError(f"SPG.mask_gradients: parameter {self._name_of(p)!r} has a sparse gradient, "
+                param = next(p for p in (*shared, *heads) if p.grad is g)
+                raise TypeError(f"SPG.mask_gradients: parameter {self._name_of(param)!r} has a sparse gradient, "
                                 "which SPG does not support")
-            if factor is None:
-                head_grads.append(g)
-            else:
-                grads.append(g)
-                factors.append(factor)
         self._ops.soft_mask_(grads, factors, head_grads, self._head_scale)
+
+    def _mask_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """``params`` split into shared ones, their mask factors, and heads; cached while the same parameters are
+        asked about and the mask is unchanged (``mask_generation``), so a steady-state step does no lookups."""
+        key = (tuple(map(id, params)), self._generation)
+        cached = self.__dict__.get("_mask_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        shared, factors, heads = [], [], []
+        for p in params:
+            factor = self._factor(p)
+            if factor is None:
+                heads.append(p)
+            else:
+                shared.append(p)
+                factors.append(factor)
+        self._mask_cache = ((tuple(map(id, params)), self._generation), (shared, factors, heads))
+        return shared, factors, heads
 
     # ------------------------------------------------------------- end task
     def end_task(
         self,
         task_id: int,
         loader: Iterable[Any],
-        forward: Callable[[Any, int], Tensor] | None = None,
+        forward: Callable[..., Any] | None = None,
         *,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-        prepare_batch: Callable[[Any], tuple[Any, Tensor]] | None = None,
+        loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy,
+        prepare_batch: Callable[[Any], tuple[Any, Any]] | None = None,
         train_mode: bool = True,
-    ) -> None:
+        shared_forward: bool | None = None,
+        memory_budget: int | None = None,
+    ) -> PassReport:
         """Measure the importance of the task just learned and max-accumulate it (the spec's end-of-task pass).
 
         For each head ``t`` in ``0..task_id`` the gradients of ``loss_fn(forward(x, t), y)`` (``t == task_id``)
         or ``forward(x, t).sum()`` (earlier heads) are summed over every batch of ``loader``; the importance of
-        task ``task_id`` is the element-wise max over heads of ``|tanh(standardize(grad))|``.
+        task ``task_id`` is the element-wise max over heads of ``|tanh(standardize(grad))|``. Without per-task
+        heads (``heads=None``) only the task's own loss ``loss_fn(forward(x), y)`` is measured.
 
-        ``forward(x, head_id)`` returns that head's logits (default ``model(x, head_id)``); ``prepare_batch``
-        turns what ``loader`` yields into ``(x, y)`` on the right device (default: move the pair's tensors to the
-        parameters' device). The model runs in train mode (dropout active, as the authors' code does) unless
-        ``train_mode=False``; its previous mode is restored. Parameter gradients are left as None.
-        On any error the accumulated importance is left exactly as it was.
+        ``forward(x, head_id)`` (``forward(x)`` when ``heads=None``) returns the output ``loss_fn`` takes (default:
+        the model without its DDP / ``torch.compile`` wrapper; under DDP it must not call the DDP wrapper, whose
+        forward takes part in collectives); ``prepare_batch`` turns what ``loader`` yields into ``(x, y)`` on the
+        right device (default: move the pair's tensors to the parameters' device); ``loss_fn(output, y)`` must
+        return a scalar tensor.
+        The model runs in train mode (dropout active, as the authors' code does) unless ``train_mode=False``.
+
+        ``shared_forward``: None (default) runs the model's shared part once per batch for all heads unless the
+        forward draws random numbers (dropout in train mode), where each head gets its own forward as in the
+        authors' code; True forces one forward per batch (all heads then see the same dropout masks), False one per
+        head. ``memory_budget`` bounds, in bytes, the per-head gradient buffers held at once (default: a quarter
+        of the free memory of the parameters' device); heads that do not fit share a later pass over the data.
+        See ``spg_fast.importance_pass``.
+
+        The model is left as it was found, on success and on error: parameters, buffers (BatchNorm running
+        statistics), each module's train/eval mode and ``.grad`` (never touched: the pass takes its gradients into
+        its own buffers). On any error the accumulated importance is left exactly as it was; a non-finite loss is
+        reported with its head and batch, a non-finite gradient with its head, parameters and first batch (found by
+        repeating that head's pass). Returns what the pass did (``spg_fast.importance_pass.PassReport``).
         """
         if task_id != self._tasks_finished:
             raise ValueError(f"end_task(task_id={task_id}): SPG has finished {self._tasks_finished} task(s), so "
                              f"the task to end is {self._tasks_finished}; tasks are ended in order, once each")
         self._refresh_partition()
         shared = self._partition.shared
+        names, params = list(shared), list(shared.values())
         work = ([a.clone() for a in self._importance.values()] if self._importance else
-                [torch.zeros_like(p, dtype=self._storage_dtype(p)) for p in shared.values()])
-        device = next(iter(shared.values())).device
-        forward = forward or self.model
-        prepare_batch = prepare_batch or _mover(device)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        was_training = self.model.training
-        self.model.train(train_mode)
-        try:
-            for head in range(task_id + 1):
-                head_loss = loss_fn if head == task_id else _logit_sum
-                accumulate_head_gradients(trainable, loader, forward, head, head_loss, prepare_batch)
-                present = [(i, p.grad) for i, p in enumerate(shared.values()) if p.grad is not None]
-                flags = self._ops.importance_max_([work[i] for i, _ in present], [g for _, g in present])
+                [torch.zeros_like(p, dtype=self._storage_dtype(p)) for p in params])
+        call = forward or self._inner
+        if self._heads is None:
+            heads, head_label = [task_id], (lambda _head: "the task")
+
+            def run_forward(x: Any, _head: int) -> Any:
+                return call(x)
+        else:
+            heads, head_label, run_forward = list(range(task_id + 1)), "head {}".format, call
+        label = f"SPG.end_task({task_id}): "
+        engine = ImportancePass(
+            self._inner, params, self._partition.heads.values(), heads, loader, run_forward,
+            lambda head: loss_fn if head == task_id else _logit_sum, prepare_batch or _mover(params[0].device),
+            shared_forward=shared_forward, memory_budget=memory_budget, label=label, head_label=head_label)
+        with preserved(self.model), wrapper_forward_refused(self.model, label):
+            self.model.train(train_mode)
+            # Each head's sums are complete here; a DDP model's are summed over its ranks (spg_fast.distributed).
+            for done in summed_across_processes(engine.run(), self.model, params, names, label, head_label):
+                present = [i for i, h in enumerate(done.sums) if h is not None]
+                flags = self._ops.importance_max_([work[i] for i in present], [done.sums[i] for i in present])
                 if bool(flags.any()):
-                    names = list(shared)
-                    bad = [names[present[i][0]] for i in flags.nonzero().flatten().tolist()]
+                    bad = [present[i] for i in flags.nonzero().flatten().tolist()]
+                    trace = done.nonfinite
+                    if trace is not None and trace.batch is not None:
+                        where = f"first at batch {trace.batch} (counting from 0)"
+                    elif trace is not None and trace.reproduced:
+                        where = "every batch's gradient was finite, their sum overflowed"
+                    else:
+                        where = "not traced to a batch (repeating the pass did not reproduce it)"
                     raise FloatingPointError(
-                        f"SPG.end_task({task_id}): non-finite gradient (NaN or Inf) for head {head} in "
-                        f"parameter(s) {', '.join(bad)}; the accumulated importance is unchanged")
-        finally:
-            for p in trainable:
-                p.grad = None
-            self.model.train(was_training)
+                        f"{label}non-finite gradient (NaN or Inf) for {head_label(done.head)} in parameter(s) "
+                        f"{', '.join(names[i] for i in bad)}: {where}; every loss was finite, so the backward pass "
+                        "produced it (an overflow, or a hook or autograd function); the accumulated importance is "
+                        "unchanged")
         self._commit(dict(zip(shared, work, strict=True)), task_id + 1)
+        return engine.report
 
     def _commit(self, importance: dict[str, Tensor], tasks_finished: int) -> None:
-        self._importance = importance
+        """Install ``importance`` (by shared-parameter name) and what the mask derives from it.
+
+        Once ``A`` exists, later commits copy into the same tensors (``A``, the mask factors, the head scale), so
+        their data pointers never change: a step captured in a CUDA graph, or a cached launch plan, stays valid
+        across tasks and checkpoint loads."""
+        self._importance = _copied_into(self._importance, importance)
+        values = list(self._importance.values())
+        self._factors = _copied_into(self._factors, dict(zip(importance, self._ops.mask_factors(values), strict=True)))
+        scale = self._ops.head_scale(values) if values else None
+        self._head_scale = (scale if scale is None or self._head_scale is None
+                            or self._head_scale.dtype != scale.dtype else self._head_scale.copy_(scale))
         self._tasks_finished = tasks_finished
-        values = list(importance.values())
-        self._head_scale = self._ops.head_scale(values) if values else None
         self._rebuild_slots()
 
     # ----------------------------------------------------------- checkpoints
@@ -290,13 +359,45 @@ class SPG:
         return self._importance_dtype or compute_dtype(param.dtype)
 
     # ----------------------------------------------------------- integration
-    def wrap(self, optimizer: torch.optim.Optimizer) -> SPGOptimizer:
-        """A ``torch.optim.Optimizer`` that masks the gradients, then steps ``optimizer``."""
-        return SPGOptimizer(optimizer, self)
+    def wrap(self, optimizer: torch.optim.Optimizer, *, mask: str = "gradient") -> SPGOptimizer:
+        """A ``torch.optim.Optimizer`` that masks the gradients, then steps ``optimizer`` (``mask="gradient"``, the
+        paper's method); or steps it, then masks the parameter update it made (``mask="update"``: the step's change
+        of each shared parameter times ``1 - A``, of each head times the head scale), which protects more under
+        adaptive optimizers such as Adam, whose per-element normalisation undoes a gradient scale."""
+        return SPGOptimizer(optimizer, self, mask=mask)
+
+    @torch.no_grad()
+    def mask_updates(self, params: Sequence[Tensor], before: Sequence[Tensor]) -> None:
+        """``p <- before + (p - before) * mask`` for each parameter: soft-mask the update an optimizer step made
+        (the masks of ``mask_gradients``); before the first ``end_task`` nothing changes."""
+        if self._head_scale is None:
+            return
+        shared, factors, heads = self._mask_lists(list(params))
+        start = dict(zip(map(id, params), before, strict=True))
+        moved = [*shared, *heads]
+        origin = [start[id(p)] for p in moved]
+        deltas = torch._foreach_sub([p.detach() for p in moved], origin)
+        self._ops.soft_mask_(deltas[:len(shared)], factors, deltas[len(shared):], self._head_scale)
+        torch._foreach_add_(origin, deltas)
+        torch._foreach_copy_([p.detach() for p in moved], origin)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> AttachHandle:
         """Mask gradients before every ``optimizer.step()`` through a step pre-hook; returns a removable handle."""
         return attach(self, optimizer)
+
+
+def _copied_into(current: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``new``'s values copied into ``current``'s tensors where both hold the same names, shapes, dtypes and devices
+    (the tensors are reused); otherwise ``new`` itself."""
+    same = current.keys() == new.keys() and all(
+        current[n].shape == new[n].shape and current[n].dtype == new[n].dtype and current[n].device == new[n].device
+        for n in new)
+    if not same:
+        return new
+    for n, t in new.items():
+        if current[n] is not t:
+            current[n].copy_(t)
+    return current
 
 
 def _logit_sum(logits: Tensor, _target: Tensor) -> Tensor:

@@ -24,7 +24,9 @@ def _needs_free_gib(gib: int) -> None:
 def test_tensors_past_2_31_elements_are_addressed_correctly():
     """Int64 offsets: a tensor of 2**31 + 1029 elements is masked, stepped and measured right at its start, across
     the 2**31 boundary and at its end."""
-    from spg_fast.kernels import importance_max_, optimizer_steps, soft_mask_
+    from spg_fast.kernels.triton.importance_max import importance_max_
+    from spg_fast.kernels.triton.sgd_step import sgd_step_
+    from spg_fast.kernels.triton.soft_mask import soft_mask_
 
     _needs_free_gib(40)
     n = 2**31 + 1029
@@ -34,8 +36,8 @@ def test_tensors_past_2_31_elements_are_addressed_correctly():
     a = torch.rand(n, device=CUDA, generator=gen)
     p = torch.randn(n, device=CUDA, generator=gen)
     want_p = [p[s] - 0.5 * (g[s] * (1 - a[s])) for s in spots]
-    optimizer_steps.sgd_step_([p], [g], [a], [], [False], torch.ones(1, device=CUDA), None, None, lr=0.5,
-                              weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False)
+    sgd_step_([p], [g], [a], [], [False], torch.ones(1, device=CUDA), None, None, lr=0.5, weight_decay=0.0,
+              momentum=0.0, dampening=0.0, nesterov=False, maximize=False)
     for s, want in zip(spots, want_p, strict=True):
         torch.testing.assert_close(p[s], want, rtol=0, atol=1e-6)
     del p
@@ -97,7 +99,7 @@ def test_a_masked_step_replays_in_a_cuda_graph(name):
 
 def test_importance_matches_the_reference_on_the_gpu():
     """The compiled importance kernel against the float64 reference on a model-sized gradient list."""
-    from spg_fast.kernels import importance_max_
+    from spg_fast.kernels.triton.importance_max import importance_max_
 
     gen = torch.Generator(CUDA).manual_seed(1)
     shapes = [(4096, 1023), (7,), (1,), (0,), (513, 3, 3)]

@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from spg_fast import SPG, optim
-from spg_fast.backend import fused_steps
 from tests.helpers import MultiHeadNet, make_tasks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# Each way spg_fast.optim can step: SPG backend and SPG_FAST_NATIVE setting (spg_fast.backend.fused_steps).
+# Each way spg_fast.optim can step: SPG backend and SPG_FAST_NATIVE setting (spg_fast.backend.Ops.step_kernels).
 PATHS = {"triton": ("triton", "auto"), "native": ("torch", "1"), "mask+torch": ("torch", "0")}
 CONFIGS = {
     "sgd": (optim.SGD, torch.optim.SGD, dict(lr=0.05)),
@@ -116,7 +115,7 @@ def test_gradients_after_the_step(backend):
     grads = [p.grad.clone() for p in model.trunk.parameters()]
     opt.step()
     keeps = [1 - spg.importance[n] for n, _ in model.trunk.named_parameters(prefix="trunk")]
-    in_place = fused_steps(backend, list(model.parameters())) is None  # e.g. the native steps on CUDA tensors
+    in_place = spg.ops.step_kernels(list(model.parameters())) is None  # e.g. the native steps on CUDA tensors
     for p, g, keep in zip(model.trunk.parameters(), grads, keeps, strict=True):
         assert torch.equal(p.grad, g * keep if in_place else g)
 
@@ -186,11 +185,11 @@ def test_grad_scaler_inf_step_is_skipped_and_others_match(backend):
 
 
 def test_hyperparameters_are_runtime_kernel_arguments():
-    from spg_fast.kernels import optimizer_steps
+    from spg_fast.kernels.triton import adam_step, sgd_step
 
-    runtime = {optimizer_steps._sgd_step: ("lr", "weight_decay", "momentum", "undamped"),
-               optimizer_steps._adam_step: ("lr_hi", "lr_lo", "weight_decay", "decay", "one_minus_beta1", "beta2",
-                                            "one_minus_beta2", "eps")}
+    runtime = {sgd_step._sgd_step: ("lr", "weight_decay", "momentum", "undamped"),
+               adam_step._adam_step: ("lr_hi", "lr_lo", "weight_decay", "decay", "one_minus_beta1", "beta2",
+                                      "one_minus_beta2", "eps")}
     for kernel, names in runtime.items():
         params = inspect.signature(kernel.fn).parameters
         for name in names:
@@ -201,9 +200,10 @@ def test_hyperparameters_are_runtime_kernel_arguments():
     (dict(lr=-1.0), "Invalid learning rate: -1.0"),
     (dict(lr=0.1, momentum=-0.5), "Invalid momentum value"),
     (dict(lr=0.1, nesterov=True), "Nesterov momentum requires"),
-    (dict(lr=torch.tensor(0.1)), "lr as a Tensor is not supported"),
+    (dict(lr=torch.tensor([0.1, 0.2])), r"Tensor lr must be a one-element floating-point tensor, got torch.float32 "
+                                        r"of shape \(2,\)"),
+    (dict(lr=0.1, momentum=torch.tensor(0.9)), "momentum as a Tensor is not supported"),
     (dict(lr=0.1, differentiable=True), "differentiable=True is not supported"),
-    (dict(lr=0.1, backend="triton"), "differs from the SPG object's backend 'torch'"),
 ])
 def test_bad_hyperparameters_are_named(kwargs, message):
     model, spg, _ = _setup("torch")
@@ -222,3 +222,44 @@ def test_fused_optimizer_cannot_also_be_wrapped():
     opt = optim.SGD(model.parameters(), lr=0.1, spg=spg)
     with pytest.raises(RuntimeError, match="already masks"):
         spg.wrap(opt)
+
+
+def test_a_tensor_lr_follows_its_scheduler_without_recompiling(backend):
+    """With ``lr`` a tensor, a compiled step reads it as data: a scheduler changing it in place (as torch's
+    schedulers do for tensor values) costs no recompilation, and the steps equal eager steps with a float lr."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, spg, tasks = _setup(backend)
+    spg.end_task(0, tasks[0])
+    twin = copy.deepcopy(model)
+    twin_spg = SPG(twin, heads=twin.heads, backend=backend)
+    twin_spg.load_state_dict(spg.state_dict())
+    ours = optim.SGD(model.parameters(), lr=torch.tensor(0.05, device=DEVICE), momentum=0.9, spg=spg)
+    eager = optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, spg=twin_spg)
+    schedulers = [torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5) for opt in (ours, eager)]
+    counter = CompileCounter()
+    compiled_step = torch.compile(ours.step, backend=counter)
+    frames = []
+    for i in range(6):
+        for m, opt in ((model, ours), (twin, eager)):
+            opt.zero_grad()
+            _loss_step(m, 1, tasks[1][i % 3])
+        compiled_step()
+        eager.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        frames.append(counter.frame_count)
+    assert isinstance(ours.param_groups[0]["lr"], torch.Tensor)
+    assert frames[1] == frames[-1], f"recompiled as the lr changed: frames compiled after each step {frames}"
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass, as FSDP2's DTensor is one."""
+
+
+def test_tensor_subclass_parameters_are_refused():
+    model, spg, _ = _setup("torch")
+    with pytest.raises(TypeError, match=r"SGD.add_param_group: a parameter of shape \(12, 6\) is a _Sub"):
+        optim.SGD([p.as_subclass(_Sub) for p in model.parameters()], lr=0.1, spg=spg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spg_fast import SPG, SPGOptimizer
+from spg_fast import SPG, SPGOptimizer, optim
 from tests.helpers import MultiHeadNet, make_tasks, train_literal
 
 EPOCHS = 4
@@ -264,6 +265,37 @@ def test_masking_twice_is_refused():
         spg.attach(wrapped)
     with pytest.raises(TypeError, match="already an SPGOptimizer"):
         spg.wrap(wrapped)
+    other = SPG(model, heads=model.heads)
+    with pytest.raises(RuntimeError, match="SGD already masks its gradients through an SPG object"):
+        other.attach(inner)
+    fused = optim.SGD(model.parameters(), lr=0.1, spg=other)  # a fused optimizer registers itself too
+    with pytest.raises(RuntimeError, match="already masks"):
+        spg.attach(fused)
+
+
+@pytest.mark.parametrize("how", ["wrap", "fused"])
+def test_masked_optimizers_pickle_and_keep_masking(how):
+    """As torch's optimizers do, a masking optimizer pickles (with its SPG object and model) and the copy trains
+    exactly as the original, masking included."""
+    tasks = make_tasks()
+    model = _fresh()
+    spg = SPG(model, heads=model.heads)
+    spg.end_task(0, tasks[0])
+    opt = (spg.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)) if how == "wrap"
+           else optim.SGD(model.parameters(), lr=0.1, momentum=0.9, spg=spg))
+    copy_ = pickle.loads(pickle.dumps(opt))
+    copy_model = copy_.param_groups[0]["params"][0]
+    assert copy_model is not model.trunk[0].weight
+    models = [model, (copy_._spg if how == "wrap" else copy_.spg).model]
+    for m, o in zip(models, (opt, copy_), strict=True):
+        for x, y in tasks[1]:
+            o.zero_grad()
+            F.cross_entropy(m(x, 1), y).backward()
+            o.step()
+    for a, b in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="already masks"):
+        (copy_._spg if how == "wrap" else copy_.spg).wrap(copy_ if how == "fused" else copy_.optimizer)
 
 
 def test_step_hooks_run_around_the_masked_step():
@@ -342,3 +374,49 @@ def test_sparse_gradients_are_refused_by_name():
     F.cross_entropy(forward(batches[0][0], 0), batches[0][1]).backward()
     with pytest.raises(TypeError, match=r"'emb\.weight' has a sparse gradient"):
         spg.mask_gradients()
+
+
+def test_update_masking_scales_the_step_a_plain_sgd_would_take():
+    """mask="update": the change each step made is scaled as the gradient would be; for plain SGD both modes agree
+    to rounding, and a parameter with importance 1 does not move even under AdamW's weight decay and moments."""
+    tasks = make_tasks()
+    runs = {}
+    for mode in ("gradient", "update"):
+        model = _fresh()
+        spg = SPG(model, heads=model.heads)
+        spg.end_task(0, tasks[0])
+        opt = spg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), mask=mode)
+        for x, y in tasks[1]:
+            opt.zero_grad()
+            F.cross_entropy(model(x, 1), y).backward()
+            opt.step()
+        runs[mode] = model
+    for a, b in zip(runs["gradient"].parameters(), runs["update"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    model = _fresh()
+    spg = SPG(model, heads=model.heads)
+    spg.load_state_dict({"format": 1, "tasks_finished": 1,
+                         "importance": {n: torch.ones_like(p) for n, p in spg.shared_parameters.items()}})
+    opt = spg.wrap(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5), mask="update")
+    frozen = [p.detach().clone() for p in model.trunk.parameters()]
+    for x, y in tasks[1]:
+        opt.zero_grad()
+        F.cross_entropy(model(x, 1), y).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.trunk.parameters(), frozen, strict=True))
+    with pytest.raises(ValueError, match="mask='weights' is not one of gradient, update"):
+        spg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), mask="weights")
+
+
+def test_the_wrapper_forwards_what_the_inner_optimizer_adds():
+    class WithExtras(torch.optim.SGD):
+        def consolidate_state_dict(self, to: int = 0) -> str:
+            return f"consolidated to {to}"
+
+    model = _fresh()
+    spg = SPG(model, heads=model.heads)
+    opt = spg.wrap(WithExtras(model.parameters(), lr=0.1))
+    assert opt.consolidate_state_dict(to=1) == "consolidated to 1"
+    with pytest.raises(AttributeError):
+        opt.no_such_method  # noqa: B018

@@ -129,7 +129,7 @@ def test_non_finite_gradient_names_the_parameter_and_changes_nothing(trained):
     model, spg, tasks = trained
     saved = _state(spg)
     handle = model.trunk[3].bias.register_hook(lambda g: g * float("nan"))
-    with pytest.raises(FloatingPointError, match=r"head 0 in parameter\(s\) trunk\.3\.bias;"):
+    with pytest.raises(FloatingPointError, match=r"head 0 in parameter\(s\) trunk\.3\.bias: first at batch 0 "):
         spg.end_task(1, tasks[1])
     handle.remove()
     _assert_same_state(spg, saved)

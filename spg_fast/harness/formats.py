@@ -27,7 +27,7 @@ def require_dir(name: str, candidates: list[Path], expected: str) -> Path:
             return folder
     looked = ", ".join(str(c) for c in candidates)
     raise DataNotFoundError(f"{name} not found: looked for {expected} in {looked}. Put the files there, or pass "
-                            "--data-dir (data_dir=) naming the folder that holds them.")
+                            "--data-dir (data_dir=) naming the folder that holds them (see the README's table).")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -71,13 +71,16 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read ({e})") from e
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as (3, H, W) uint8 RGB."""
+def read_image(path: Path, size: int | None = None) -> np.ndarray:
+    """An image file as (3, H, W) uint8 RGB, resized (bicubic) to ``size`` x ``size`` when given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+            rgb = img.convert("RGB")
+            if size is not None:
+                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+            return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: cannot read the image ({e})") from e
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from spg_fast.harness.outputs import write_atomic
 
 
 def matrix_table(matrix: list[list[float]]) -> str:
@@ -29,17 +32,31 @@ def summary_table(result: dict[str, Any]) -> str:
     return head + "\n" + "  ".join(f"{k} {result[k]:.4f}" for k in keys)
 
 
+def _csv(rows: list[list[Any]]) -> str:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
+
+
 def write_run(out: Path, result: dict[str, Any]) -> None:
-    """results.json, acc_matrix.csv and acc_matrix.png in ``out``."""
+    """acc_matrix.csv, acc_matrix.png, then results.json (last: its presence marks a finished run) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     t = len(result["acc_matrix"])
-    with open(out / "acc_matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["after_task"] + [f"task_{j}" for j in range(t)])
-        for i, row in enumerate(result["acc_matrix"]):
-            writer.writerow([i] + [f"{v:.6f}" for v in row] + [""] * (t - len(row)))
+    rows = [["after_task"] + [f"task_{j}" for j in range(t)]]
+    rows += [[i] + [f"{v:.6f}" for v in row] + [""] * (t - len(row)) for i, row in enumerate(result["acc_matrix"])]
+    write_atomic(out / "acc_matrix.csv", _csv(rows))
     plot_run(result, out / "acc_matrix.png")
+    write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
+
+
+def colour_range(values: list[float]) -> tuple[float, float]:
+    """The colour scale of the accuracy heatmap: the data's own range (widened to at least 0.01 so equal values
+    still map to a colour), so 0.97 and 1.00 look different."""
+    low, high = min(values), max(values)
+    if high - low < 0.01:
+        mid = (low + high) / 2
+        low, high = mid - 0.005, mid + 0.005
+    return low, high
 
 
 def plot_run(result: dict[str, Any], path: Path) -> None:
@@ -47,18 +64,21 @@ def plot_run(result: dict[str, Any], path: Path) -> None:
     matrix = result["acc_matrix"]
     t = len(matrix)
     grid = [[row[j] if j < len(row) else math.nan for j in range(t)] for row in matrix]
+    low, high = colour_range([v for row in matrix for v in row])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    im = ax1.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    im = ax1.imshow(grid, vmin=low, vmax=high, cmap="viridis")
     for i in range(t):
         for j in range(i + 1):
-            ax1.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8,
-                     color="white" if grid[i][j] < 0.6 else "black")
+            dark = (grid[i][j] - low) / (high - low) < 0.6
+            ax1.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", fontsize=8 if t <= 10 else 5,
+                     color="white" if dark else "black")
     ax1.set(xlabel="evaluated on task j", ylabel="after learning task i", xticks=range(t), yticks=range(t),
-            title=f"accuracy matrix R[i][j] — {result['method']}")
+            title=f"accuracy matrix R[i][j] (colours span {low:.3f}-{high:.3f})")
     fig.colorbar(im, ax=ax1, fraction=0.046)
     for j in range(t):
         ax2.plot(range(j, t), [matrix[i][j] for i in range(j, t)], marker="o", label=f"task {j}")
-    ax2.set(xlabel="after learning task", ylabel="test accuracy", ylim=(0, 1.02), xticks=range(t),
+    margin = (high - low) * 0.05
+    ax2.set(xlabel="after learning task", ylabel="test accuracy", ylim=(low - margin, high + margin), xticks=range(t),
             title=f"ACC {result['acc']:.3f}, forgetting {result['forgetting']:.3f}")
     ax2.legend(fontsize=7, ncol=2)
     fig.suptitle(f"{result['method']} on {result['sequence']}")
@@ -95,17 +115,19 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(out: Path, sequence: str, results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+def write_comparison(out: Path, sequence: str, results: list[dict[str, Any]], rows: list[dict[str, Any]],
+                     planned: int) -> None:
+    """comparison.{json,md,csv,png}; with fewer than ``planned`` runs finished they say it is partial."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.json").write_text(json.dumps({"sequence": sequence, "summary": rows}, indent=2) + "\n")
-    (out / "comparison.md").write_text(comparison_table(rows) + "\n")
-    with open(out / "comparison.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "seeds"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")])
-        for row in rows:
-            writer.writerow([row["method"], len(row["seeds"])] + [f"{row[k][s]:.6f}" for k in METRICS
-                                                                   for s in ("mean", "std")])
-    plot_comparison(sequence, results, rows, out / "comparison.png")
+    partial = f"partial: {len(results)} of {planned} runs finished\n\n" if len(results) < planned else ""
+    write_atomic(out / "comparison.json", json.dumps({"sequence": sequence, "runs_finished": len(results),
+                                                      "runs_planned": planned, "summary": rows}, indent=2) + "\n")
+    write_atomic(out / "comparison.md", partial + comparison_table(rows) + "\n")
+    table = [["method", "seeds"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]]
+    table += [[row["method"], len(row["seeds"])] + [f"{row[k][s]:.6f}" for k in METRICS for s in ("mean", "std")]
+              for row in rows]
+    write_atomic(out / "comparison.csv", _csv(table))
+    plot_comparison(sequence + (" (partial)" if partial else ""), results, rows, out / "comparison.png")
 
 
 def plot_comparison(sequence: str, results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:

@@ -46,12 +46,19 @@ def _idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def fashion_dir(tmp_path):
+def _fashion(folder):
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for stem, n in (("train", 200), ("t10k", 60)):
-        _idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        _idx(folder / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _idx(folder / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return folder
+
+
+@pytest.fixture
+def fashion_dir(tmp_path):
+    """A --data-dir holding fashion-mnist/."""
+    _fashion(tmp_path / "fashion-mnist")
     return tmp_path
 
 
@@ -60,22 +67,32 @@ def test_fashion_mnist_from_idx_files(fashion_dir):
     assert seq.input_shape == (1, 28, 28) and len(seq.tasks) == 5
     assert sum(len(t.test) for t in seq.tasks) == 60
     assert seq.tasks[0].train.x.dtype.is_floating_point is False  # uint8, scaled per batch
+    assert seq.files == [str(fashion_dir / "fashion-mnist" / f"{stem}-ubyte.gz") for stem in
+                         ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")]
 
 
 def test_corrupt_idx_file_is_named(fashion_dir):
-    bad = fashion_dir / "train-labels-idx1-ubyte.gz"
+    bad = fashion_dir / "fashion-mnist" / "train-labels-idx1-ubyte.gz"
     with gzip.open(bad, "wb") as f:
         f.write(b"\0\0\x08\x01" + struct.pack(">I", 500) + b"\0" * 10)
     with pytest.raises(DataError, match=re.escape("train-labels-idx1-ubyte.gz: IDX header promises 500 bytes")):
         build_sequence("fashion-mnist", fashion_dir)
 
 
-def test_missing_directory_says_where_it_looked(tmp_path, monkeypatch):
-    monkeypatch.setattr(seqs, "FASHION_MNIST_DIRS", [tmp_path / "debian"])
+def test_given_data_dir_is_the_only_place_looked_at(tmp_path, monkeypatch):
+    monkeypatch.setattr(seqs, "FASHION_MNIST_SYSTEM_DIR", _fashion(tmp_path / "debian"))
     with pytest.raises(DataNotFoundError, match=r"Fashion-MNIST not found: looked for train-images-idx3-ubyte.gz in "
-                       rf"{tmp_path}/nowhere, {tmp_path}/debian\. Put the files there"):
+                       rf"{tmp_path}/nowhere/fashion-mnist\. Put the files there"):
         build_sequence("fashion-mnist", tmp_path / "nowhere")
-    assert seqs.FASHION_MNIST_DIRS  # the default search path stays configured
+
+
+def test_without_data_dir_the_system_folder_is_the_fallback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(seqs, "FASHION_MNIST_SYSTEM_DIR", _fashion(tmp_path / "debian"))
+    assert build_sequence("fashion-mnist").files[0] == str(tmp_path / "debian" / "train-images-idx3-ubyte.gz")
+    _fashion(tmp_path / "data" / "fashion-mnist")  # ./data comes first
+    assert build_sequence("fashion-mnist").files[0] == str(tmp_path / "data" / "fashion-mnist" /
+                                                           "train-images-idx3-ubyte.gz")
 
 
 def _cifar(root, n_train=300, n_test=100):
@@ -128,6 +145,12 @@ def test_tinyimagenet_from_the_folder_layout(tmp_path, n_tasks):
     seq = build_sequence(f"tinyimagenet-{n_tasks}", _tinyimagenet(tmp_path), seed=0)
     assert seq.input_shape == (3, 8, 8) and len(seq.tasks) == n_tasks
     assert sum(len(t.test) for t in seq.tasks) == 20
+    assert seq.files[1] == f"{tmp_path}/tiny-imagenet-200/train/<wnid>/images/ (60 images)"
+
+
+def test_paper_protocol_resizes_tinyimagenet_to_32_pixels_as_the_authors_do(tmp_path):
+    seq = build_sequence("tinyimagenet-10", _tinyimagenet(tmp_path), seed=0, protocol="paper")
+    assert seq.input_shape == (3, 32, 32) and seq.tasks[0].test.x.shape[1:] == (3, 32, 32)
 
 
 def test_corrupt_image_is_named(tmp_path):
@@ -157,6 +180,21 @@ def _femnist(root, writers=24):
             (folder / f"all_data_{shard}.json").write_text(json.dumps(
                 {"users": users, "num_samples": [n] * len(users), "user_data": data}))
     return root
+
+
+def test_paper_protocol_draws_the_authors_femnist_sizes(tmp_path, monkeypatch):
+    root = _femnist(tmp_path)
+    with pytest.raises(DataError, match=r"femnist-10:0 \(3 writers\): the paper protocol takes 3100\+310 training "
+                       r"and 620 test samples per task; its writers have 18 and 6"):
+        build_sequence("femnist-10", root, protocol="paper")
+    monkeypatch.setattr(seqs, "FEMNIST_PAPER_SIZES", (8, 2, 4))
+    seq = build_sequence("femnist-10", root, seed=1, protocol="paper")
+    assert [(len(t.train), len(t.val), len(t.test)) for t in seq.tasks[:2]] == [(8, 2, 4), (8, 2, 4)]
+    assert seq.tasks[0].train.x.shape[1:] == (1, 28, 28)
+    everything = build_sequence("femnist-10", root, seed=1)
+    pool = {tuple(x.flatten().tolist()[:8]) for s in (everything.tasks[0].train, everything.tasks[0].val)
+            for x in s.x}
+    assert all(tuple(x.flatten().tolist()[:8]) in pool for x in seq.tasks[0].train.x)  # drawn from its writers
 
 
 @pytest.mark.parametrize("n_tasks", [10, 20])

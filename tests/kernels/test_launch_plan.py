@@ -3,9 +3,13 @@ every tensor the kernel touches is aligned (optimizer state included)."""
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
-from spg_fast.kernels.multi_tensor import launch_plan, plan_for
+from spg_fast.kernels.triton.custom_ops import device_guard
+from spg_fast.kernels.triton.multi_tensor import launch_plan, plan_for
 from tests.kernels.common import DEVICE
 
 
@@ -43,3 +47,22 @@ def test_tensors_in_another_layout_get_dense_copies():
     assert work_p[0] is params[0] and work_g[0] is not grads[0]
     assert torch.equal(work_g[0], grads[0]) and work_g[0].stride() == params[0].stride()
     assert plan.grid == (1,)
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass, as FSDP2's DTensor is one: its data pointer is not its elements' memory."""
+
+
+def test_a_tensor_elsewhere_or_a_subclass_is_refused_before_any_launch():
+    params = [torch.zeros(5), torch.zeros(3)]
+    with pytest.raises(ValueError, match=r"tensor 1 of list 1 \(shape \(3,\)\) is on meta, the launch on cpu"):
+        launch_plan([params, [torch.zeros(5), torch.zeros(3, device="meta")]], torch.device("cpu"))
+    with pytest.raises(TypeError, match="tensor 0 of list 0 is a _Sub, a tensor subclass the kernels cannot address"):
+        launch_plan([[params[0].as_subclass(_Sub)]], torch.device("cpu"))
+
+
+def test_launches_run_on_the_tensors_device():
+    """Triton launches on the current CUDA device; the launchers make the tensors' device current."""
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)

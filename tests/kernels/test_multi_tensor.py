@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spg_fast.kernels.multi_tensor import BLOCK, dense_like, is_dense, pointer_table, same_layout, tile_table
+from spg_fast.kernels.triton.multi_tensor import BLOCK, dense_like, is_dense, pointer_table, same_layout, tile_table
 
 
 class _Sized:

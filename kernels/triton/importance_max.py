@@ -1,0 +1,175 @@
+"""Fused importance update: ``A <- max(A, |tanh((h - mean h) / std h)|)`` for all tensors of a model.
+
+Three launches per (gradient dtype, importance dtype) group, whatever the number of tensors:
+1. ``_tile_stats``: one read of every gradient; per tile of ``BLOCK`` elements, two float64 reductions: the sum
+   and the centred sum of squares of the values shifted by a per-tensor pivot (the tensor's first element, so an
+   offset mean costs no precision). The tile's count follows from its bounds; a non-finite value makes the sum
+   non-finite; a constant tensor has M2 exactly 0 (see ``_stats_tile``);
+2. ``_combine``: per tensor, Chan's parallel combination of its tiles (deterministic: a fixed reduction order);
+3. ``_update``: one read of every gradient and read-modify-write of its accumulator, skipping tensors that hold a
+   non-finite value, which are flagged in the returned bool tensor without any host synchronisation.
+Statistics and the standardisation run in float64, so the result is the float32 rounding of the exact value, as in
+``spg_fast.reference``. ``tanh`` is built from ``exp`` so that the same code runs under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from spg_fast.kernels.triton.custom_ops import device_guard
+from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES
+from spg_fast.kernels.triton.multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, first_tiles, plan_for, write_back
+from spg_fast.kernels.triton.rounding import round_to
+from spg_fast.kernels.triton.tiles import load, store, tensor_ptr, tile_of
+
+_PARTIALS = 2  # per tile: the sum and the centred sum of squares of the pivot-shifted values
+_STATS = 3  # mean (relative to the pivot), 1/std (0 where the importance is 0 by the spec), non-finite flag
+_COMBINE_BLOCK = 1024
+
+
+@triton.jit
+def _stats_tile(h, offs, inside, count, row, MASKED: tl.constexpr):
+    # Shifted by the tensor's first element (exact in float64): a constant tensor gives exactly zero deviations,
+    # so its M2 is exactly 0, which is the spec's constant rule without a min/max. A non-finite value makes the
+    # sum non-finite (finite float32 values cannot overflow a float64 sum), which is the non-finite flag.
+    d = tl.where(inside, load(h, offs, inside, MASKED).to(tl.float64) - tl.load(h).to(tl.float64), 0.0)
+    total = tl.sum(d, axis=0)
+    dev = tl.where(inside, d - total / count, 0.0)
+    tl.store(row + 0, total)
+    tl.store(row + 1, tl.sum(dev * dev, axis=0))
+
+
+@triton.jit
+def _tile_stats(h_ptrs, numels, tile_tensor, tile_start, partials, DT: tl.constexpr, BLOCK: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
+    h = tensor_ptr(h_ptrs, t, DT, ALIGNED)
+    row = partials + tl.program_id(0).to(tl.int64) * 2
+    count = tl.minimum(n - tl.load(tile_start + tl.program_id(0)), BLOCK).to(tl.float64)
+    if full:
+        _stats_tile(h, offs, offs < n, count, row, False)
+    else:
+        _stats_tile(h, offs, offs < n, count, row, True)
+
+
+@triton.jit
+def _combine(partials, first_tile, n_tiles, numels, stats, BLOCK: tl.constexpr, CBLOCK: tl.constexpr):
+    """Per tensor, Chan's combination of its tiles' (count, sum, M2) in a fixed order: mean, 1/std, non-finite."""
+    t = tl.program_id(0)
+    first = tl.load(first_tile + t)
+    tiles = tl.load(n_tiles + t)
+    n = tl.load(numels + t).to(tl.float64)
+    lane = tl.arange(0, CBLOCK)
+    acc_s = tl.zeros([CBLOCK], dtype=tl.float64)
+    for i in range(0, tiles, CBLOCK):
+        live = i + lane < tiles
+        acc_s += tl.load(partials + (first + i + lane) * 2, mask=live, other=0.0)
+    total = tl.sum(acc_s, axis=0)
+    mean = total / n
+    acc_m2 = tl.zeros([CBLOCK], dtype=tl.float64)
+    for i in range(0, tiles, CBLOCK):
+        live = i + lane < tiles
+        row = partials + (first + i + lane) * 2
+        c = tl.minimum(n - (i + lane).to(tl.float64) * BLOCK, BLOCK)
+        gap = tl.load(row + 0, mask=live, other=0.0) / tl.where(live, c, 1.0) - mean
+        acc_m2 += tl.where(live, tl.load(row + 1, mask=live, other=0.0) + c * gap * gap, 0.0)
+    m2 = tl.sum(acc_m2, axis=0)
+    valid = (n >= 2.0) & (m2 > 0.0)
+    finite = tl.abs(total) < float("inf")
+    out = stats + t.to(tl.int64) * 3
+    tl.store(out + 0, mean)
+    tl.store(out + 1, tl.where(valid & finite, 1.0 / tl.sqrt(tl.where(valid, m2, 1.0) / (n - 1.0)), 0.0))
+    tl.store(out + 2, tl.where(finite, 0.0, 1.0))
+
+
+@triton.jit
+def _update_tile(h, a_ptr, offs, inside, mean, inv_std, ADT: tl.constexpr, MASKED: tl.constexpr):
+    x = load(h, offs, inside, MASKED).to(tl.float64)
+    z = tl.abs(x - tl.load(h).to(tl.float64) - mean) * inv_std
+    e = tl.exp(-2.0 * z)
+    g = ((1.0 - e) / (1.0 + e)).to(tl.float32)
+    a = load(a_ptr, offs, inside, MASKED).to(tl.float32)
+    store(a_ptr, offs, round_to(tl.maximum(a, g), ADT), inside, MASKED)
+
+
+@triton.jit
+def _update(h_ptrs, a_ptrs, numels, tile_tensor, tile_start, stats, DT: tl.constexpr, ADT: tl.constexpr,
+            BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
+    row = stats + t * 3
+    mean = tl.load(row + 0)
+    inv_std = tl.load(row + 1)
+    h = tensor_ptr(h_ptrs, t, DT, ALIGNED)
+    a_ptr = tensor_ptr(a_ptrs, t, ADT, ALIGNED)
+    if tl.load(row + 2) == 0.0:  # a tensor holding a non-finite value is left untouched
+        if full:
+            _update_tile(h, a_ptr, offs, offs < n, mean, inv_std, ADT, False)
+        else:
+            _update_tile(h, a_ptr, offs, offs < n, mean, inv_std, ADT, True)
+
+
+def _check(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    if len(accumulators) != len(grads):
+        raise ValueError(f"importance_max_: got {len(accumulators)} and {len(grads)} tensors; the lists must pair up")
+    for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
+        if a.shape != h.shape:
+            raise ValueError(f"importance_max_: tensor {i} has shapes {tuple(a.shape)} and {tuple(h.shape)}")
+        if h.dtype not in GRAD_DTYPES:
+            raise TypeError(f"importance_max_ (triton): gradient {i} has dtype {h.dtype}; "
+                            f"supported: {GRAD_DTYPES}")
+        if a.dtype not in IMPORTANCE_DTYPES:
+            raise TypeError(f"importance_max_ (triton): accumulator {i} has dtype {a.dtype}; "
+                            f"supported: {IMPORTANCE_DTYPES}")
+        if a.device != h.device or a.device != accumulators[0].device:
+            raise ValueError(f"importance_max_: tensor {i} is on {h.device} / {a.device}, expected one device")
+
+
+def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """The three launches for tensors of one (gradient dtype, accumulator dtype); returns non-finite flags."""
+    device = accs[0].device
+    plan, (hs, work) = plan_for([grads, accs], device)
+    h_ptrs, a_ptrs = plan.pointers
+    partials = torch.empty(plan.grid[0], _PARTIALS, dtype=torch.float64, device=device)
+    dt, adt = TL_DTYPES[hs[0].dtype], TL_DTYPES[work[0].dtype]
+    _tile_stats[plan.grid](h_ptrs, plan.numels, plan.tile_tensor, plan.tile_start, partials, DT=dt, BLOCK=BLOCK,
+                           ALIGNED=plan.aligned, num_warps=NUM_WARPS)
+    first, counts = first_tiles(tuple(h.numel() for h in hs), device)
+    stats = torch.empty(len(hs), _STATS, dtype=torch.float64, device=device)
+    _combine[(len(hs),)](partials, first, counts, plan.numels, stats, BLOCK=BLOCK, CBLOCK=_COMBINE_BLOCK,
+                         num_warps=NUM_WARPS)
+    _update[plan.grid](h_ptrs, a_ptrs, plan.numels, plan.tile_tensor, plan.tile_start, stats, DT=dt, ADT=adt,
+                       BLOCK=BLOCK, ALIGNED=plan.aligned, num_warps=NUM_WARPS)
+    write_back(accs, work)
+    return stats[:, 2] > 0
+
+
+@torch.library.custom_op("spg_fast::importance_max_", mutates_args=("accumulators",))
+def importance_max_(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """Triton ``A <- max(A, importance(h))`` per pair; returns the bool flags of gradients with non-finite values
+    (whose accumulators are left untouched). Same contract as ``spg_fast.reference.importance_max_``."""
+    _check(accumulators, grads)
+    device = accumulators[0].device if accumulators else torch.device("cpu")
+    flags = torch.zeros(len(grads), dtype=torch.bool, device=device)
+    groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+    for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
+        if h.numel() > 0:
+            groups.setdefault((h.dtype, a.dtype), []).append(i)
+    with device_guard(device):
+        for idx in groups.values():
+            group_flags = _launch_group([accumulators[i] for i in idx], [grads[i] for i in idx])
+            if len(idx) == len(grads):
+                flags = group_flags
+            else:
+                flags[torch.tensor(idx, device=device)] = group_flags
+    return flags
+
+
+@importance_max_.register_fake
+def _(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
+    device = accumulators[0].device if accumulators else torch.device("cpu")
+    return torch.empty(len(grads), dtype=torch.bool, device=device)

@@ -1,0 +1,188 @@
+"""The Lightning callback with the real library: two tasks fitted on the CPU, the masked gradients checked against
+an unmasked run, the importance pass against SPG.end_task, and SPG's state through Lightning checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from spg_fast import SPG
+from tests.helpers import MultiHeadNet, make_tasks
+
+L = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+from spg_fast.integrations.lightning import SPGCallback  # noqa: E402
+from tests.integrations.recording import RecordingSGD  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated"),
+              pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create")]
+
+
+class TaskModule(L.LightningModule):
+    """A multi-head net trained on head ``self.task`` with SGD; records the gradients every optimizer step sees."""
+
+    def __init__(self, net: MultiHeadNet) -> None:
+        super().__init__()
+        self.net = net
+        self.task = 0
+        self.optimizers_made: list[RecordingSGD] = []
+        self.wrap_with: SPG | None = None  # configure_optimizers returns wrap_with.wrap(SGD) when set
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x, self.task), y)
+
+    def configure_optimizers(self):
+        optimizer = RecordingSGD(self.net, lr=0.5)
+        self.optimizers_made.append(optimizer)
+        return self.wrap_with.wrap(optimizer) if self.wrap_with else optimizer
+
+    @property
+    def seen(self) -> list[dict[str, torch.Tensor]]:
+        """The gradients each optimizer step of the last fit applied, by parameter name."""
+        return self.optimizers_made[-1].seen
+
+
+def _loaders() -> list[DataLoader]:
+    loaders = []
+    for batches in make_tasks(n_tasks=2, n_batches=3, batch=8):
+        x = torch.cat([b[0] for b in batches]).double()
+        y = torch.cat([b[1] for b in batches])
+        loaders.append(DataLoader(TensorDataset(x, y), batch_size=8))
+    return loaders
+
+
+def _module(seed: int) -> TaskModule:
+    torch.manual_seed(seed)
+    return TaskModule(MultiHeadNet().double())
+
+
+def _fit(module, loader, root, callbacks=(), ckpt_path=None) -> None:
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=checkpointing, default_root_dir=root,
+                        callbacks=list(callbacks))
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+
+
+def _copy_for_task1(module: TaskModule, spg: SPG) -> tuple[TaskModule, SPG]:
+    """A copy of the model after task 0 with its own SPG holding the same state, set to train task 1."""
+    twin = copy.deepcopy(module)
+    twin.task, twin.optimizers_made = 1, []
+    twin_spg = SPG(twin.net, heads=twin.net.heads)
+    twin_spg.load_state_dict(spg.state_dict())
+    return twin, twin_spg
+
+
+@pytest.fixture(scope="module")
+def after_task0(tmp_path_factory):
+    """Task 0 fitted with the callback: (module, spg, loaders)."""
+    loaders = _loaders()
+    module = _module(seed=0)
+    spg = SPG(module.net, heads=module.net.heads)
+    _fit(module, loaders[0], tmp_path_factory.mktemp("task0"), [SPGCallback(spg)])
+    return module, spg, loaders
+
+
+def test_fit_ends_the_task_over_the_train_dataloader(after_task0):
+    module, spg, loaders = after_task0
+    assert spg.tasks_finished == 1
+    oracle_net = copy.deepcopy(module.net)
+    oracle = SPG(oracle_net, heads=oracle_net.heads)
+    oracle.end_task(0, loaders[0])
+    assert spg.importance.keys() == oracle.importance.keys()
+    for name, a in oracle.importance.items():
+        assert torch.equal(spg.importance[name], a), name
+    assert max(float(a.max()) for a in spg.importance.values()) > 0.9
+
+
+def test_task_two_is_masked_once_before_each_step(after_task0, tmp_path):
+    module, spg, loaders = after_task0
+    masked, masked_spg = _copy_for_task1(module, spg)
+    control, _ = _copy_for_task1(module, spg)
+    _fit(masked, loaders[1], tmp_path / "masked", [SPGCallback(masked_spg)])
+    _fit(control, loaders[1], tmp_path / "control")
+
+    # The first step starts from the same weights: what the optimizer sees is exactly the unmasked gradient times
+    # 1 - A (shared) or 1 - mean(A) (heads), masked once.
+    assert len(masked.seen) == len(control.seen) == 6
+    assert masked.seen[0].keys() == control.seen[0].keys() == {*spg.importance, "heads.1.weight", "heads.1.bias"}
+    for name, g in control.seen[0].items():
+        factor = 1 - spg.importance[name] if name in spg.importance else spg.head_scale
+        assert torch.equal(masked.seen[0][name], g * factor), name
+
+    # Over the whole task, the weights task 0 relies on most (A > 0.9) move far less than without the callback.
+    with torch.no_grad():
+        start = dict(module.net.named_parameters())
+        high = {n: a > 0.9 for n, a in spg.importance.items()}
+        moved = [sum(float((dict(m.net.named_parameters())[n] - start[n])[h].abs().sum()) for n, h in high.items())
+                 for m in (masked, control)]
+    assert sum(int(h.sum()) for h in high.values()) >= 10
+    assert moved[0] < 0.1 * moved[1]
+
+
+def _checkpoints(folder) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def task1_checkpointed(after_task0, tmp_path_factory):
+    """Task 1 fitted with the callback and a checkpoint after each epoch: (module, spg, checkpoint folder)."""
+    module, spg, loaders = after_task0
+    run, run_spg = _copy_for_task1(module, spg)
+    folder = tmp_path_factory.mktemp("task1")
+    _fit(run, loaders[1], folder, [SPGCallback(run_spg), _checkpoints(folder)])
+    return run, run_spg, folder
+
+
+@pytest.mark.parametrize("resume_from", ["epoch=0.ckpt", "epoch=1.ckpt"])
+def test_a_checkpoint_restores_spg_state_and_the_run_continues_identically(after_task0, task1_checkpointed,
+                                                                           tmp_path, resume_from):
+    _, spg, loaders = after_task0
+    run, run_spg, folder = task1_checkpointed
+    assert run_spg.tasks_finished == 2
+    checkpoint = tmp_path / resume_from
+    shutil.copy(folder / resume_from, checkpoint)
+
+    saved = torch.load(checkpoint, weights_only=True)["callbacks"]["SPGCallback"]
+    assert saved["tasks_finished"] == 1
+    for name, a in spg.importance.items():
+        assert torch.equal(saved["importance"][name], a), name
+
+    # Fresh weights and a fresh SPG: everything comes from the checkpoint. From the mid-task checkpoint the second
+    # epoch trains with the restored masks; from the last one Lightning skips training and only the task ends.
+    resumed = _module(seed=1)
+    resumed.task = 1
+    resumed_spg = SPG(resumed.net, heads=resumed.net.heads)
+    _fit(resumed, loaders[1], tmp_path, [SPGCallback(resumed_spg)], ckpt_path=checkpoint)
+    assert resumed_spg.tasks_finished == 2
+    for name, a in run_spg.importance.items():
+        assert torch.equal(resumed_spg.importance[name], a), name
+    for (name, p), q in zip(run.net.named_parameters(), resumed.net.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_an_optimizer_already_masked_is_refused(after_task0, tmp_path):
+    module, spg, loaders = after_task0
+    twin, twin_spg = _copy_for_task1(module, spg)
+    twin.wrap_with = twin_spg
+    with pytest.raises(RuntimeError, match="already masks its gradients"):
+        _fit(twin, loaders[1], tmp_path, [SPGCallback(twin_spg)])
+    assert twin.optimizers_made[0].seen == []  # refused when the fit starts, before any step
+
+
+def test_bad_set_ups_are_refused_with_the_reason(after_task0, tmp_path):
+    module, spg, loaders = after_task0
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'loss'.*loss_fn"):
+        SPGCallback(spg, loss=F.cross_entropy)
+    with pytest.raises(TypeError, match=r"needs an spg_fast\.SPG"):
+        SPGCallback(module.net)
+    other = MultiHeadNet().double()
+    with pytest.raises(ValueError, match="does not hold SPG's shared parameter"):
+        _fit(copy.deepcopy(module), loaders[1], tmp_path, [SPGCallback(SPG(other, heads=other.heads))])
