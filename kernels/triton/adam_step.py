@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from spg_fast.kernels.triton.custom_ops import device_guard, eager_fast_path
+from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
 from spg_fast.kernels.triton.masked_step import f32_parts, launch_flags, live_tile, masked_grad, present, split_lr
 from spg_fast.kernels.triton.multi_tensor import BLOCK, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
@@ -120,16 +119,8 @@ def _adam_step_impl(params: list[Tensor], grads: list[Tensor], importances: list
         write_back(originals, w)
 
 
-_MUTATES = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")
-_adam_step_op = torch.library.custom_op("spg_fast::adam_step_", mutates_args=_MUTATES)(_adam_step_impl)
-
-
-@_adam_step_op.register_fake
-def _(*args: object, **kwargs: object) -> None:
-    return None
-
-
-_adam_step_call = eager_fast_path(_adam_step_op, _adam_step_impl, _MUTATES)
+_adam_step_call = in_place_op("adam_step_", _adam_step_impl,
+                              ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
 
 
 def adam_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tensor], exp_avgs: list[Tensor],

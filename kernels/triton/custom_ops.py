@@ -35,6 +35,18 @@ def eager_fast_path(op: Callable[..., object], impl: Callable[..., object],
     return call
 
 
+def in_place_op(name: str, impl: Callable[..., None], mutated: Sequence[str]) -> Callable[..., None]:
+    """``impl`` (which returns nothing and mutates the tensor lists named in ``mutated``) registered as the custom op
+    ``spg_fast::<name>``, called through ``eager_fast_path``."""
+    op = torch.library.custom_op(f"spg_fast::{name}", mutates_args=tuple(mutated))(impl)
+    op.register_fake(_returns_nothing)
+    return eager_fast_path(op, impl, mutated)
+
+
+def _returns_nothing(*args: object, **kwargs: object) -> None:
+    return None
+
+
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Make ``device`` current for a launch: Triton launches on the current CUDA device, so parameters on
     ``cuda:1`` would otherwise be launched on ``cuda:0``."""

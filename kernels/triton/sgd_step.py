@@ -4,12 +4,11 @@ dampening, nesterov, weight decay, maximize), for every parameter of one param g
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from spg_fast.kernels.triton.custom_ops import device_guard, eager_fast_path
+from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
 from spg_fast.kernels.triton.masked_step import launch_flags, live_tile, masked_grad, present, split_lr
 from spg_fast.kernels.triton.multi_tensor import flag_table, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
@@ -78,16 +77,7 @@ def _sgd_step_impl(params: list[Tensor], grads: list[Tensor], importances: list[
     write_back(momentum_buffers, work_b)
 
 
-_MUTATES = ("params", "momentum_buffers")
-_sgd_step_op = torch.library.custom_op("spg_fast::sgd_step_", mutates_args=_MUTATES)(_sgd_step_impl)
-
-
-@_sgd_step_op.register_fake
-def _(*args: object, **kwargs: object) -> None:
-    return None
-
-
-_sgd_step_call = eager_fast_path(_sgd_step_op, _sgd_step_impl, _MUTATES)
+_sgd_step_call = in_place_op("sgd_step_", _sgd_step_impl, ("params", "momentum_buffers"))
 
 
 def sgd_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tensor], momentum_buffers: list[Tensor],

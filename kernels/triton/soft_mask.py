@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from spg_fast.kernels.triton.custom_ops import device_guard, eager_fast_path
+from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
 from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES
 from spg_fast.kernels.triton.multi_tensor import (
     BLOCK,
@@ -139,13 +139,4 @@ def _soft_mask_impl(grads: list[Tensor], importances: list[Tensor], head_grads: 
             del _LAUNCHES[next(iter(_LAUNCHES))]
 
 
-_MUTATES = ("grads", "head_grads")
-_soft_mask_op = torch.library.custom_op("spg_fast::soft_mask_", mutates_args=_MUTATES)(_soft_mask_impl)
-
-
-@_soft_mask_op.register_fake
-def _(grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor) -> None:
-    return None
-
-
-soft_mask_ = eager_fast_path(_soft_mask_op, _soft_mask_impl, _MUTATES)
+soft_mask_ = in_place_op("soft_mask_", _soft_mask_impl, ("grads", "head_grads"))
