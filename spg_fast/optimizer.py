@@ -136,7 +136,8 @@ class SPGOptimizer(Optimizer):
         if self._mask == "update":
             params = [p for p in _params(self._optimizer) if p.grad is not None] if closure is None else \
                 list(_params(self._optimizer))
-            before = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                before = torch._foreach_mul(params, 1.0)  # a copy of every parameter in one multi-tensor launch
             loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
             self._spg.mask_updates(params, before)
             return loss

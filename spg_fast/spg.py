@@ -125,7 +125,7 @@ class SPG:
 
     @property
     def mask_generation(self) -> int:
-        """A number that changes whenever ``mask_plan`` may answer differently (a task ended, a checkpoint was
+        """A number that changes whenever ``mask_split`` may answer differently (a task ended, a checkpoint was
         loaded, a head was added), so that callers can cache its answer."""
         return self._generation
 
@@ -159,13 +159,6 @@ class SPG:
                                  "neither shared nor a head of the SPG model")
         return self._slots[p]
 
-    def mask_plan(self, params: Sequence[Tensor]) -> tuple[list[Tensor | None], Tensor] | None:
-        """How to mask ``params``: None before the first ``end_task``; else, per parameter, its backend's mask
-        factor (``spg_fast.backend.Ops.mask_factors``; None for a head) and the head scale. For fused optimizers."""
-        if self._head_scale is None:
-            return None
-        return [self._factor(p) for p in params], self._head_scale
-
     @torch.no_grad()
     def mask_gradients(self, params: Iterable[Tensor] | None = None) -> None:
         """Soft-mask the gradients of ``params`` (default: every shared and head parameter) in place.
@@ -175,7 +168,7 @@ class SPG:
         """
         if self._head_scale is None:
             return
-        shared, factors, heads = self._mask_lists(list(self._slots) if params is None else list(params))
+        shared, factors, heads = self.mask_split(list(self._slots) if params is None else list(params))
         grads = [p.grad for p in shared]
         head_grads = [g for g in (p.grad for p in heads) if g is not None]
         if any(g is None for g in grads):
@@ -188,12 +181,15 @@ class SPG:
                                 "which SPG does not support")
         self._ops.soft_mask_(grads, factors, head_grads, self._head_scale)
 
-    def _mask_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """``params`` split into shared ones, their mask factors, and heads; cached while the same parameters are
-        asked about and the mask is unchanged (``mask_generation``), so a steady-state step does no lookups."""
-        key = (tuple(map(id, params)), self._generation)
+    def mask_split(self, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """``params`` split into the shared ones, their backend mask factors (``spg_fast.backend.Ops.mask_factors``)
+        and the heads, each in the given order; before the first ``end_task`` every parameter counts as a head
+        (there are no factors, and ``head_scale`` is None: no mask). Used by ``mask_gradients`` and the fused
+        optimizers; cached while the same parameters are asked about and the mask is unchanged
+        (``mask_generation``), so a steady-state step does no per-parameter lookups."""
+        ids = tuple(map(id, params))
         cached = self.__dict__.get("_mask_cache")
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == (ids, self._generation):
             return cached[1]
         shared, factors, heads = [], [], []
         for p in params:
@@ -203,7 +199,7 @@ class SPG:
             else:
                 shared.append(p)
                 factors.append(factor)
-        self._mask_cache = ((tuple(map(id, params)), self._generation), (shared, factors, heads))
+        self._mask_cache = ((ids, self._generation), (shared, factors, heads))  # after any refresh _factor made
         return shared, factors, heads
 
     # ------------------------------------------------------------- end task
@@ -372,14 +368,14 @@ class SPG:
         (the masks of ``mask_gradients``); before the first ``end_task`` nothing changes."""
         if self._head_scale is None:
             return
-        shared, factors, heads = self._mask_lists(list(params))
+        shared, factors, heads = self.mask_split(list(params))
         start = dict(zip(map(id, params), before, strict=True))
         moved = [*shared, *heads]
         origin = [start[id(p)] for p in moved]
-        deltas = torch._foreach_sub([p.detach() for p in moved], origin)
+        deltas = torch._foreach_sub(moved, origin)
         self._ops.soft_mask_(deltas[:len(shared)], factors, deltas[len(shared):], self._head_scale)
         torch._foreach_add_(origin, deltas)
-        torch._foreach_copy_([p.detach() for p in moved], origin)
+        torch._foreach_copy_(moved, origin)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> AttachHandle:
         """Mask gradients before every ``optimizer.step()`` through a step pre-hook; returns a removable handle."""

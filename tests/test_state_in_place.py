@@ -11,8 +11,8 @@ from tests.helpers import MultiHeadNet, make_tasks
 
 
 def _pointers(spg: SPG) -> list[int]:
-    factors, scale = spg.mask_plan(list(spg.shared_parameters.values()))
-    return [t.data_ptr() for t in (*spg.importance.values(), *factors, scale)]
+    _, factors, _ = spg.mask_split(list(spg.shared_parameters.values()))
+    return [t.data_ptr() for t in (*spg.importance.values(), *factors, spg.head_scale)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

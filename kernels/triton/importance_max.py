@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from spg_fast.kernels.triton.custom_ops import device_guard
-from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES
+from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES, check_dtypes, check_pairs
 from spg_fast.kernels.triton.multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, first_tiles, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr, tile_of
@@ -114,17 +114,10 @@ def _update(h_ptrs, a_ptrs, numels, tile_tensor, tile_start, stats, DT: tl.const
 
 
 def _check(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    if len(accumulators) != len(grads):
-        raise ValueError(f"importance_max_: got {len(accumulators)} and {len(grads)} tensors; the lists must pair up")
+    check_pairs("importance_max_", accumulators, grads, ("accumulators", "gradients"))
+    check_dtypes("importance_max_", grads, GRAD_DTYPES, "gradient")
+    check_dtypes("importance_max_", accumulators, IMPORTANCE_DTYPES, "accumulator")
     for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
-        if a.shape != h.shape:
-            raise ValueError(f"importance_max_: tensor {i} has shapes {tuple(a.shape)} and {tuple(h.shape)}")
-        if h.dtype not in GRAD_DTYPES:
-            raise TypeError(f"importance_max_ (triton): gradient {i} has dtype {h.dtype}; "
-                            f"supported: {GRAD_DTYPES}")
-        if a.dtype not in IMPORTANCE_DTYPES:
-            raise TypeError(f"importance_max_ (triton): accumulator {i} has dtype {a.dtype}; "
-                            f"supported: {IMPORTANCE_DTYPES}")
         if a.device != h.device or a.device != accumulators[0].device:
             raise ValueError(f"importance_max_: tensor {i} is on {h.device} / {a.device}, expected one device")
 

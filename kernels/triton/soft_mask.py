@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
-from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES
+from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES, check_dtypes, check_pairs
 from spg_fast.kernels.triton.multi_tensor import (
     BLOCK,
     NUM_WARPS,
@@ -51,18 +51,10 @@ def _soft_mask(g_ptrs, a_ptrs, numels, tile_tensor, tile_start, scale_ptr, n_sha
 
 def _check(grads: Sequence[Tensor], importances: Sequence[Tensor], head_grads: Sequence[Tensor],
            scale: Tensor) -> None:
-    if len(grads) != len(importances):
-        raise ValueError(f"soft_mask_: got {len(grads)} gradients and {len(importances)} importances; "
-                         "the lists must pair up")
-    for i, (g, a) in enumerate(zip(grads, importances, strict=True)):
-        if g.shape != a.shape:
-            raise ValueError(f"soft_mask_: tensor {i} has shapes {tuple(g.shape)} and {tuple(a.shape)}")
-        if a.dtype not in IMPORTANCE_DTYPES:
-            raise TypeError(f"soft_mask_ (triton): importance {i} has dtype {a.dtype}; supported: "
-                            f"{IMPORTANCE_DTYPES}")
+    check_pairs("soft_mask_", grads, importances, ("gradients", "importances"))
+    check_dtypes("soft_mask_", importances, IMPORTANCE_DTYPES, "importance")
+    check_dtypes("soft_mask_", [*grads, *head_grads], GRAD_DTYPES, "gradient")
     for i, g in enumerate([*grads, *head_grads]):
-        if g.dtype not in GRAD_DTYPES:
-            raise TypeError(f"soft_mask_ (triton): gradient {i} has dtype {g.dtype}; supported: {GRAD_DTYPES}")
         if g.device != scale.device:
             raise ValueError(f"soft_mask_: gradient {i} is on {g.device}, the scale on {scale.device}")
     if scale.numel() != 1 or scale.dtype != torch.float32:

@@ -41,16 +41,15 @@ class Adam(MaskedOptimizer):
 
     def state_lists(self, group: dict[str, Any], params: list[Tensor]) -> tuple[tuple[list[Tensor], ...], list[bool]]:
         amsgrad = group["amsgrad"]
-        first = [not self.state[p] for p in params]
-        for p in params:
-            state = self.state[p]
+        states, first = [self.state[p] for p in params], []
+        for p, state in zip(params, states, strict=True):
+            first.append(not state)
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        states = [self.state[p] for p in params]
         return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states]), first
 

@@ -102,19 +102,16 @@ class MaskedOptimizer(Optimizer):
             if p.grad.is_sparse:
                 raise TypeError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} has a sparse "
                                 "gradient, which is not supported")
-        plan = self.spg.mask_plan(params)
+        shared, factors, heads = self.spg.mask_split(params)
         batches: dict[torch.dtype, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
-        for i, p in enumerate(params):
-            shared, importances, heads = batches.setdefault(p.dtype, ([], [], []))
-            factor = None if plan is None else plan[0][i]
-            if plan is not None and factor is not None:
-                shared.append(p)
-                importances.append(factor)
-            else:
-                heads.append(p)
-        scale = None if plan is None else plan[1]
-        for shared, importances, heads in batches.values():
-            yield shared + heads, importances, scale
+        for p, factor in zip(shared, factors, strict=True):
+            entry = batches.setdefault(p.dtype, ([], [], []))
+            entry[0].append(p)
+            entry[1].append(factor)
+        for p in heads:
+            batches.setdefault(p.dtype, ([], [], []))[2].append(p)
+        for batch_shared, batch_factors, batch_heads in batches.values():
+            yield batch_shared + batch_heads, batch_factors, self.spg.head_scale
 
     def batches(self, group: dict[str, Any], params: list[Tensor]) -> list[Batch]:
         """The batches of one param group's step (``params``: those with a gradient), their state created.
