@@ -45,16 +45,21 @@ class Ops:
 
     ``mask_factors(importances)`` gives, per shared tensor, what ``soft_mask_`` and the step kernels multiply by:
     the keep factor ``1 - A`` for the reference and the native CPU steps, ``A`` itself for the Triton kernels
-    (which form ``1 - A`` in registers). ``step_kernels(tensors)`` gives the fused steps that serve a batch of
+    (which form ``1 - A`` in registers). ``moments`` and ``importance_max_with_`` serve parameters sharded across
+    processes (FSDP2), whose statistics are merged before the importance is formed; both backends use the
+    reference's for them. ``step_kernels(tensors)`` gives the fused steps that serve a batch of
     ``spg_fast.optim`` (every tensor the step touches), or None: mask ``.grad``, then torch's fused step.
     """
 
     name: str
     importance_max_: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
     mask_factors: Callable[[Sequence[Tensor]], list[Tensor]]
-    head_scale: Callable[[Sequence[Tensor]], Tensor]
+    head_scale: Callable[..., Tensor]
     soft_mask_: Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], Tensor], None]
     step_kernels: Callable[[Sequence[Tensor]], StepKernels | None]
+    moments: Callable[[Tensor], Tensor] = reference.moments
+    importance_max_with_: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor] = (
+        reference.importance_max_with_)
 
 
 def triton_available() -> bool:

@@ -1,5 +1,7 @@
 """``spg-fast``: run SPG and baselines on task sequences from the command line. Every value is checked before any
-data is read or any training starts; a bad one is a one-line ``spg-fast: error: --option: why`` and exit code 2."""
+data is read or any training starts; a bad one is a one-line ``spg-fast: error: --option: why`` and exit code 2.
+Under torchrun (``torchrun --nproc-per-node N -m spg_fast.cli run ...``, or ``--nproc N``) the processes train
+together; rank 0 prints the results."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, NoReturn
 
 from spg_fast.harness.config import ConfigError, TrainConfig
 from spg_fast.harness.models import BACKBONES
+from spg_fast.harness.parallel import launched_world_size
 from spg_fast.harness.protocol import PROTOCOLS, preset, resolve
 from spg_fast.harness.sequences import EMBEDDED, SEQUENCES
 from spg_fast.harness.training import METHODS
@@ -163,6 +166,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run(s) in --out after the last finished task (finished runs are kept)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
+    p.add_argument("--nproc", type=_whole(1), metavar="N",
+                   help="train with N processes on this machine (started through torchrun; each takes its share of "
+                   "every batch)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with several processes: shard the network with FSDP2 (fully_shard) instead of replicating "
+                   "it with DDP (the default)")
     for f in fields(TrainConfig):
         flag = f"--{f.name.replace('_', '-')}"
         if type(f.default) is bool:
@@ -216,12 +225,31 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, An
             p.error("--backend: triton is not installed")
         if not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
             p.error("--backend: triton needs --device cuda (on the CPU only under TRITON_INTERPRET=1)")
+    launched = launched_world_size()
+    if args.nproc is not None and launched > 1 and args.nproc != launched:
+        p.error(f"--nproc: torchrun started {launched} processes, not {args.nproc}; give one or the other")
+    world = max(launched, args.nproc or 1)
+    if args.fsdp and world == 1:
+        p.error("--fsdp: shards the network over several processes: launch with torchrun --nproc-per-node N, or "
+                "pass --nproc N")
+    if world > 1 and args.device.startswith("cuda:"):
+        p.error(f"--device: with {world} processes each takes its own GPU (cuda:LOCAL_RANK); give cuda, not "
+                f"{args.device}")
     explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     try:
-        resolve(args.protocol, args.sequence, explicit)
+        cfg, _ = resolve(args.protocol, args.sequence, explicit)
     except ConfigError as e:
         p.error(f"--{e.name.replace('_', '-')}: {e.why}")
+    if cfg.batch_size % world:
+        p.error(f"--batch-size: {cfg.batch_size} does not split evenly over {world} processes; give a multiple of "
+                f"{world}")
     return explicit
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr in one write, so that the lines of processes sharing it do not interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _resume_command(argv: list[str], args: argparse.Namespace, implicit_run: bool) -> str:
@@ -232,7 +260,29 @@ def _resume_command(argv: list[str], args: argparse.Namespace, implicit_run: boo
         words += ["--out", str(args.out)]
     if "--resume" not in words:
         words.append("--resume")
+    launched = launched_world_size()
+    if launched > 1 and args.nproc is None:
+        return shlex.join(["torchrun", "--nproc-per-node", str(launched), "-m", "spg_fast.cli", *words])
     return shlex.join(["spg-fast", *words])
+
+
+def _relaunch(argv: list[str], nproc: int) -> int:
+    """This command in ``nproc`` processes on this machine, started by torchrun (``--standalone``: a free port);
+    the exit code of the first process that failed (0 when none did, 130 on Ctrl-C)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "spg_fast.cli"])
+    launch.training_script_args = argv  # set, not parsed: torchrun's parser would read this command's options
+    try:
+        run(launch)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 1
+    except SignalException:  # Ctrl-C: the processes got it too; rank 0 said what was saved
+        return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,40 +291,48 @@ def main(argv: list[str] | None = None) -> int:
     implicit_run = not argv or argv[0] not in ("run", "compare", "-h", "--help")
     args = p.parse_args(["run", *argv] if implicit_run else argv)
     explicit = _check(p, args)
+    if args.nproc is not None and args.nproc > 1 and launched_world_size() == 1:
+        return _relaunch(argv, args.nproc)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.out is None:
         args.out = Path("runs") / (f"{args.sequence}-{args.method}-seed{args.seed}-{stamp}" if args.command == "run"
                                    else f"compare-{args.sequence}-{stamp}")
-    from spg_fast.harness import api, report
+    from spg_fast.harness import api, parallel, report
     from spg_fast.harness.formats import DataError
 
-    common = dict(backbone=args.backbone, device=args.device, data_dir=args.data_dir, protocol=args.protocol,
-                  config=explicit, backend=args.backend, out=args.out, resume=args.resume,
-                  overwrite=args.overwrite, tasks=args.tasks)
+    # Rank 0 prints the results; every rank prints its error, as a rank may fail alone.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    common = dict(backbone=args.backbone, data_dir=args.data_dir, protocol=args.protocol, config=explicit,
+                  backend=args.backend, out=args.out, resume=args.resume, overwrite=args.overwrite, tasks=args.tasks,
+                  wrapper="fsdp" if args.fsdp else None)
     try:
-        if args.command == "run":
-            result = api.run(args.sequence, args.method, seed=args.seed, **common)
-            print(report.matrix_table(result["acc_matrix"]))
-            print(report.summary_table(result))
-        else:
-            result = api.compare(args.sequence, args.methods, args.seeds, **common)
-            print(report.comparison_table(result["summary"]))
+        with parallel.process_group(args.device) as device:
+            if args.command == "run":
+                result = api.run(args.sequence, args.method, seed=args.seed, device=device, **common)
+                tables = [report.matrix_table(result["acc_matrix"]), report.summary_table(result)]
+            else:
+                result = api.compare(args.sequence, args.methods, args.seeds, device=device, **common)
+                tables = [report.comparison_table(result["summary"])]
     except api.RunInterrupted as e:
-        print(f"spg-fast: {e.message}; continue with: {_resume_command(argv, args, implicit_run)}", file=sys.stderr)
+        if main_rank:
+            _say(f"spg-fast: {e.message}; continue with: {_resume_command(argv, args, implicit_run)}")
         return 130
     except KeyboardInterrupt:
-        print(f"spg-fast: interrupted; continue with: {_resume_command(argv, args, implicit_run)}", file=sys.stderr)
+        if main_rank:
+            _say(f"spg-fast: interrupted; continue with: {_resume_command(argv, args, implicit_run)}")
         return 130
     except DataError as e:
-        print(f"spg-fast: error: --data-dir: {e}", file=sys.stderr)
+        _say(f"spg-fast: error: --data-dir: {e}")
         return 2
     except ConfigError as e:
-        print(f"spg-fast: error: --{e.name.replace('_', '-')}: {e.why}", file=sys.stderr)
+        _say(f"spg-fast: error: --{e.name.replace('_', '-')}: {e.why}")
         return 2
     except ValueError as e:
-        print(f"spg-fast: error: {e}", file=sys.stderr)
+        _say(f"spg-fast: error: {e}")
         return 2
-    print(f"wrote {args.out}/")
+    if main_rank:
+        print("\n".join(tables))
+        print(f"wrote {args.out}/")
     return 0
 
 

@@ -5,12 +5,12 @@ then, per head, one ``all_reduce`` of a flat buffer: every shared parameter's su
 and per rank a non-finite flag and a failure flag. Every rank so gets the sums over all ranks' data (the spec's
 "Distributed data"; standardisation is scale-invariant, so the number of batches per rank does not matter) and the
 same verdict: a non-finite gradient, or a rank whose pass failed, raises on every rank before any importance changes.
-FSDP2 (DTensor parameters) is refused: its per-shard gradients need per-shard statistics, not built yet.
+FSDP2 models (DTensor parameters) take the path of ``spg_fast.sharded`` instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -29,17 +29,6 @@ def process_group(model: nn.Module) -> dist.ProcessGroup | None:
         return None
     group = model.process_group
     return group if dist.get_world_size(group) > 1 else None
-
-
-def refuse_sharded(params: Iterable[tuple[str, Tensor]]) -> None:
-    """Raise ``TypeError`` naming the first sharded (DTensor, e.g. FSDP2 ``fully_shard``) parameter."""
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    if dtensor is None:
-        return
-    for name, p in params:
-        if isinstance(p, dtensor):
-            raise TypeError(f"SPG: parameter {name!r} is a DTensor (FSDP2 fully_shard, tensor parallelism): sharded "
-                            "parameters are not supported yet; use DistributedDataParallel")
 
 
 @contextmanager

@@ -283,16 +283,7 @@ class ImportancePass:
         return _PassResult(group, sums[: len(group)], group_losses, drew, first_bad)
 
     def _loss(self, head: int, batch: int, out: Any, y: Any) -> Tensor:
-        loss = self._loss_for(head)(out, y)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"{self._label}the importance-pass loss for {self._head_label(head)} must be a scalar "
-                             f"tensor, got {got} (batch {batch})")
-        if not loss.requires_grad:
-            raise ValueError(f"{self._label}the loss for {self._head_label(head)} at batch {batch} does not depend "
-                             "on any trainable parameter (was the output computed under torch.no_grad() or "
-                             "detached?)")
-        return loss
+        return checked_loss(self._loss_for(head)(out, y), self._head_label(head), batch, self._label)
 
     def _check_losses(self, group: list[int], losses: Tensor) -> None:
         """Raise on the first batch whose loss is NaN or Inf, naming it and the heads concerned."""
@@ -302,6 +293,19 @@ class ImportancePass:
             heads = ", ".join(self._head_label(group[j]) for j in bad[:, batch].nonzero().flatten().tolist())
             raise FloatingPointError(f"{self._label}the loss is non-finite (NaN or Inf) at batch {batch} (counting "
                                      f"from 0) for {heads}; check that batch's data and the loss function")
+
+
+def checked_loss(loss: Any, head: str, batch: int, label: str = "") -> Tensor:
+    """``loss`` (of ``head`` at ``batch``) if it is a scalar tensor that depends on a trainable parameter; else a
+    ``ValueError`` saying which it is not."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{label}the importance-pass loss for {head} must be a scalar tensor, got {got} "
+                         f"(batch {batch})")
+    if not loss.requires_grad:
+        raise ValueError(f"{label}the loss for {head} at batch {batch} does not depend on any trainable parameter "
+                         "(was the output computed under torch.no_grad() or detached?)")
+    return loss
 
 
 def _all_finite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:

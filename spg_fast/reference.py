@@ -7,7 +7,7 @@ and any floating dtype, and compute in float32 or wider (the promotion of the in
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -15,11 +15,16 @@ from torch import Tensor
 
 __all__ = [
     "compute_dtype",
+    "float64_sum",
     "head_scale",
     "importance",
     "importance_max_",
+    "importance_max_with_",
     "keep_factors",
+    "merge_moments",
+    "moments",
     "soft_mask_",
+    "standardizer",
 ]
 
 
@@ -50,9 +55,10 @@ def _buffer(n: int, device: torch.device) -> Tensor:
     return torch.empty(min(n, _chunk(device)), dtype=torch.float64, device=device)
 
 
-def _sum64(x: Tensor) -> Tensor:
-    """The sum of ``x`` in float64 over chunks (``x.sum(dtype=torch.float64)`` converts the whole tensor first on
-    the CPU: 20 ms against 2.2 ms for 4.7M float32 elements on this machine, one thread)."""
+def float64_sum(x: Tensor) -> Tensor:
+    """The sum of ``x`` in float64 over chunks, with no full-size float64 copy (``x.sum(dtype=torch.float64)``
+    converts the whole tensor first on the CPU: 20 ms against 2.2 ms for 4.7M float32 elements on this machine, one
+    thread)."""
     flat = x.reshape(-1)
     buf = _buffer(flat.numel(), x.device)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -73,14 +79,15 @@ class _Standardizer(NamedTuple):
     finite: Tensor
 
 
-def _standardizer(x: Tensor, buf: Tensor) -> _Standardizer:
-    """The statistics of the flat, non-empty tensor ``x`` in float64, one pass over chunks of ``buf``'s length.
+def _shifted_moments(x: Tensor, buf: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(pivot, sum, M2, finite)`` of the flat, non-empty tensor ``x`` in float64, one pass over chunks of ``buf``'s
+    length: the sum and centred sum of squares M2 of ``x - pivot``, where the pivot is the first element.
 
-    Values are shifted by the first element (the pivot) before anything is summed: a constant tensor shifts to
-    exact zeros, so its centred sum of squares M2 is exactly 0, and a mean that dwarfs the spread costs no
-    precision. Each chunk gives its sum and its own centred M2 (a second sweep while the chunk is in cache); the
-    chunks are merged with Chan's formula. A float32 (or narrower) value shifted and summed in float64 cannot
-    overflow, so the sum is non-finite exactly when some value is; float64 input is checked element by element.
+    Shifting by the pivot before anything is summed makes a constant tensor exact zeros, so its M2 is exactly 0,
+    and a mean that dwarfs the spread costs no precision. Each chunk gives its sum and its own centred M2 (a second
+    sweep while the chunk is in cache); the chunks are merged with Chan's formula. A float32 (or narrower) value
+    shifted and summed in float64 cannot overflow, so the sum is non-finite exactly when some value is; float64
+    input is checked element by element.
     """
     n = x.numel()
     pivot = x[0].to(torch.float64)
@@ -101,12 +108,64 @@ def _standardizer(x: Tensor, buf: Tensor) -> _Standardizer:
         counts[-1] = spans[-1][1] - spans[-1][0]
         total = chunk_sums.sum()
         m2 = torch.stack(m2s).sum() + ((chunk_sums - counts * (total / n)).square() / counts).sum()
-    mean = total / n
     finite = torch.isfinite(x).all() if x.dtype == torch.float64 else torch.isfinite(total)
-    inv_std = (m2 / max(n - 1, 1)).rsqrt()
+    return pivot, total, m2, finite
+
+
+def _validated(pivot: Tensor, mean: Tensor, m2: Tensor, dof: float | Tensor, finite: Tensor) -> _Standardizer:
+    """The standardiser for these statistics (``dof``: the element count less one, at least 1), zeroed where the
+    spec makes the importance 0."""
+    inv_std = (m2 / dof).rsqrt()
     valid = (m2 > 0) & torch.isfinite(m2) & torch.isfinite(mean) & torch.isfinite(inv_std)
-    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    zero = torch.zeros((), dtype=torch.float64, device=m2.device)
     return _Standardizer(*(torch.where(valid, v, zero) for v in (pivot, mean, inv_std)), finite)
+
+
+def _standardizer(x: Tensor, buf: Tensor) -> _Standardizer:
+    """The standardiser of the flat, non-empty tensor ``x`` (``_shifted_moments``)."""
+    pivot, total, m2, finite = _shifted_moments(x, buf)
+    return _validated(pivot, total / x.numel(), m2, max(x.numel() - 1, 1), finite)
+
+
+def moments(h: Tensor) -> Tensor:
+    """``[count, pivot, mean - pivot, M2, finite]`` of all elements of ``h`` in float64 (M2: the centred sum of
+    squares; the pivot: the first element), computed as ``importance`` computes its statistics. These are what
+    ``merge_moments`` merges, so that a tensor split into pieces (shards on several processes) gets the statistics
+    of the whole, and what ``standardizer`` turns into the standardisation. The mean stays split into a pivot and a
+    small offset, so that a mean which dwarfs the spread costs no precision. Empty ``h``: zeros, finite."""
+    if h.numel() == 0:
+        return torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=h.device)
+    flat = h.reshape(-1)
+    pivot, total, m2, finite = _shifted_moments(flat, _buffer(flat.numel(), h.device))
+    n = torch.tensor(float(flat.numel()), dtype=torch.float64, device=h.device)
+    return torch.stack([n, pivot, total / n, m2, finite.to(torch.float64)])
+
+
+def merge_moments(parts: Tensor) -> Tensor:
+    """The ``moments`` of the concatenation of pieces, from theirs: ``parts[i, ..., :]`` are piece ``i``'s.
+
+    Chan's pairwise formula, applied to the pieces in order, so that every process merging the same pieces gets
+    bit-identical numbers. The result keeps the first non-empty piece's pivot; the difference of two pieces' means
+    is taken as the difference of their pivots plus that of their offsets, so pieces with equal values (a constant
+    tensor) merge to M2 = 0 exactly. Empty pieces are skipped; the result is finite only when every piece is."""
+    merged = parts[0].clone()
+    for part in parts[1:]:
+        n_a, n_b = merged[..., 0], part[..., 0]
+        n = n_a + n_b
+        safe = torch.where(n > 0, n, torch.ones_like(n))
+        delta = (part[..., 1] - merged[..., 1]) + (part[..., 2] - merged[..., 2])
+        offset = merged[..., 2] + delta * (n_b / safe)
+        m2 = merged[..., 3] + part[..., 3] + delta.square() * (n_a * n_b / safe)
+        joined = torch.stack([n, merged[..., 1], offset, m2], dim=-1)
+        first = torch.where((n_b > 0)[..., None], joined, merged[..., :4])
+        pick = torch.where((n_a > 0)[..., None], first, part[..., :4])
+        merged = torch.cat([pick, torch.minimum(merged[..., 4:], part[..., 4:])], dim=-1)
+    return merged
+
+
+def standardizer(stats: Tensor) -> _Standardizer:
+    """The standardiser of a whole tensor from its merged ``moments``."""
+    return _validated(stats[1], stats[2], stats[3], (stats[0] - 1).clamp(min=1), stats[4] > 0)
 
 
 def _standardized_chunks(x: Tensor, st: _Standardizer, buf: Tensor) -> Iterator[tuple[int, int, Tensor]]:
@@ -150,13 +209,15 @@ def _check_lists(what: str, first: Sequence[Tensor], second: Sequence[Tensor]) -
             raise ValueError(f"{what}: tensor {i} has shapes {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def _importance_max_one(acc: Tensor, h: Tensor) -> Tensor:
-    """``acc <- max(acc, importance(h))`` unless ``h`` holds a non-finite value; returns that flag (0-dim bool)."""
+def _importance_max_one(acc: Tensor, h: Tensor, st: _Standardizer | None = None) -> Tensor:
+    """``acc <- max(acc, importance(h))`` unless ``h`` holds a non-finite value; returns that flag (0-dim bool).
+    ``st``: the standardiser to use (default: ``h``'s own statistics)."""
     if h.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=h.device)
+        return torch.zeros((), dtype=torch.bool, device=h.device) if st is None else ~st.finite
     flat = h.reshape(-1)
     buf = _buffer(flat.numel(), h.device)
-    st = _standardizer(flat, buf)
+    if st is None:
+        st = _standardizer(flat, buf)
     # On the CPU reading the flag costs nothing; elsewhere ``where`` keeps the update free of host synchronisation.
     on_cpu = h.device.type == "cpu"
     if on_cpu and not bool(st.finite):
@@ -191,25 +252,41 @@ def importance_max_(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> 
     return torch.stack(flags)
 
 
+def importance_max_with_(accumulators: Sequence[Tensor], grads: Sequence[Tensor], stats: Tensor) -> Tensor:
+    """``importance_max_`` for pieces of larger tensors: ``A <- max(A, |tanh((h - mean) / std)|)`` with the
+    statistics of each whole tensor given (``stats[i]``: its merged ``moments``), not those of the piece ``h``. A
+    whole tensor that is not finite leaves its piece's accumulator untouched and sets its flag."""
+    _check_lists("importance_max_with_", accumulators, grads)
+    if len(stats) != len(grads):
+        raise ValueError(f"importance_max_with_: got {len(grads)} tensors but {len(stats)} rows of statistics")
+    flags = [_importance_max_one(acc, h, standardizer(row))
+             for acc, h, row in zip(accumulators, grads, stats, strict=True)]
+    return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
 def keep_factors(importances: Sequence[Tensor]) -> list[Tensor]:
     """``1 - A`` in ``compute_dtype`` for each accumulated importance: what each shared gradient is multiplied by."""
     return [torch.rsub(a.to(compute_dtype(a.dtype)), 1) for a in importances]
 
 
-def head_scale(importances: Sequence[Tensor]) -> Tensor:
+def head_scale(importances: Sequence[Tensor], *, numel: int | None = None,
+               reduce: Callable[[Tensor], None] | None = None) -> Tensor:
     """``1 - mean(A)`` over all elements of all importances taken together, as a 0-dim tensor in the widest
     ``compute_dtype`` of the importances (float32; float64 for a float64 model, as the authors' code keeps it).
 
-    The sum is taken in float64 so that the mean of a billion-element model is exact to float32 precision.
-    """
+    The sum is taken in float64 so that the mean of a billion-element model is exact to float32 precision. For
+    shards of larger tensors, ``numel`` is the element count of the whole tensors and ``reduce`` sums the float64
+    total across the shards' holders in place (an all-reduce)."""
     if not importances:
         raise ValueError("head_scale needs at least one importance tensor")
-    total = sum(a.numel() for a in importances)
-    if total == 0:
+    total_numel = sum(a.numel() for a in importances) if numel is None else numel
+    if total_numel == 0:
         raise ValueError("head_scale: the importance tensors hold no elements")
-    sums = torch.stack([_sum64(a) for a in importances])
+    total = torch.stack([float64_sum(a) for a in importances]).sum()
+    if reduce is not None:
+        reduce(total)
     dtype = functools.reduce(torch.promote_types, (compute_dtype(a.dtype) for a in importances))
-    return (1 - sums.sum() / total).to(dtype)
+    return (1 - total / total_numel).to(dtype)
 
 
 def soft_mask_(grads: Sequence[Tensor], keeps: Sequence[Tensor], head_grads: Sequence[Tensor],

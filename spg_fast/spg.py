@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import closing
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spg_fast import sharded
 from spg_fast.backend import Ops, resolve_backend
-from spg_fast.distributed import refuse_sharded, summed_across_processes, wrapper_forward_refused
-from spg_fast.importance_pass import ImportancePass, PassReport
+from spg_fast.distributed import summed_across_processes, wrapper_forward_refused
+from spg_fast.importance_pass import HeadSums, ImportancePass, PassReport
 from spg_fast.model_state import preserved
 from spg_fast.optimizer import AttachHandle, SPGOptimizer, attach
 from spg_fast.params import HeadSpec, inner_module, partition
@@ -32,7 +35,9 @@ class SPG:
 
     ``model`` may be wrapped in DistributedDataParallel or ``torch.compile``: parameter names (``heads`` prefixes,
     ``importance``, checkpoints) are those of the inner module, so they do not depend on the wrapper; a DDP model's
-    ``end_task`` gives every rank the importance of all ranks' data (``spg_fast.distributed``).
+    ``end_task`` gives every rank the importance of all ranks' data (``spg_fast.distributed``). On an FSDP2 model
+    (``fully_shard``) ``A``, the mask factors and ``importance`` are sharded like the parameters, and ``end_task``,
+    ``load_state_dict`` and ``state_dict(full=True)`` are collectives every rank calls (``spg_fast.sharded``).
 
     ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"`` (see ``spg_fast.backend``). ``importance_dtype`` stores
     ``A`` in float32 (the default; float64 for float64 parameters) or bfloat16, which halves its memory and keeps
@@ -50,8 +55,8 @@ class SPG:
         self._heads = heads
         self._importance_dtype = importance_dtype
         self._partition = partition(self._inner, heads)
-        refuse_sharded([*self._partition.shared.items(), *self._partition.heads.items()])
-        self._ops = resolve_backend(backend, list(self._partition.shared.items()), importance_dtype)
+        self._sharded = sharded.check_layout([*self._partition.shared.items(), *self._partition.heads.items()])
+        self._ops = resolve_backend(backend, self._local_shared(), importance_dtype)
         self._tasks_finished = 0
         self._importance: dict[str, Tensor] = {}
         self._head_scale: Tensor | None = None
@@ -78,7 +83,10 @@ class SPG:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._ops = resolve_backend(state["_ops"], list(self._partition.shared.items()), self._importance_dtype)
+        self._ops = resolve_backend(state["_ops"], self._local_shared(), self._importance_dtype)
+
+    def _local_shared(self) -> list[tuple[str, Tensor]]:
+        return [(n, sharded.local(p)) for n, p in self._partition.shared.items()]
 
     @property
     def tasks_finished(self) -> int:
@@ -169,17 +177,16 @@ class SPG:
         if self._head_scale is None:
             return
         shared, factors, heads = self.mask_split(list(self._slots) if params is None else list(params))
+        for p in (*shared, *heads):
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError(f"SPG.mask_gradients: parameter {self._name_of(p)!r} has a sparse gradient, "
+                                "which SPG does not support")
         grads = [p.grad for p in shared]
-        head_grads = [g for g in (p.grad for p in heads) if g is not None]
+        head_grads = [sharded.local(p.grad) for p in heads if p.grad is not None]
         if any(g is None for g in grads):
             factors = [f for f, g in zip(factors, grads, strict=True) if g is not None]
             grads = [g for g in grads if g is not None]
-        for g in (*grads, *head_grads):
-            if g.is_sparse:
-                param = next(p for p in (*shared, *heads) if p.grad is g)
-                raise TypeError(f"SPG.mask_gradients: parameter {self._name_of(param)!r} has a sparse gradient, "
-                                "which SPG does not support")
-        self._ops.soft_mask_(grads, factors, head_grads, self._head_scale)
+        self._ops.soft_mask_([sharded.local(g) for g in grads], factors, head_grads, self._head_scale)
 
     def mask_split(self, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """``params`` split into the shared ones, their backend mask factors (``spg_fast.backend.Ops.mask_factors``)
@@ -234,13 +241,15 @@ class SPG:
         authors' code; True forces one forward per batch (all heads then see the same dropout masks), False one per
         head. ``memory_budget`` bounds, in bytes, the per-head gradient buffers held at once (default: a quarter
         of the free memory of the parameters' device); heads that do not fit share a later pass over the data.
-        See ``spg_fast.importance_pass``.
+        See ``spg_fast.importance_pass``. On an FSDP2 model each head gets its own forward through the sharded
+        model (``shared_forward=True`` is refused; ``memory_budget`` does not apply): see ``spg_fast.sharded``.
 
         The model is left as it was found, on success and on error: parameters, buffers (BatchNorm running
         statistics), each module's train/eval mode and ``.grad`` (never touched: the pass takes its gradients into
-        its own buffers). On any error the accumulated importance is left exactly as it was; a non-finite loss is
-        reported with its head and batch, a non-finite gradient with its head, parameters and first batch (found by
-        repeating that head's pass). Returns what the pass did (``spg_fast.importance_pass.PassReport``).
+        its own buffers; under FSDP2, whose backward writes them, put back as they were). On any error the
+        accumulated importance is left exactly as it was; a non-finite loss is reported with its head and batch, a
+        non-finite gradient with its head, parameters and first batch (found by repeating that head's pass).
+        Returns what the pass did (``spg_fast.importance_pass.PassReport``).
         """
         if task_id != self._tasks_finished:
             raise ValueError(f"end_task(task_id={task_id}): SPG has finished {self._tasks_finished} task(s), so "
@@ -248,8 +257,12 @@ class SPG:
         self._refresh_partition()
         shared = self._partition.shared
         names, params = list(shared), list(shared.values())
-        work = ([a.clone() for a in self._importance.values()] if self._importance else
-                [torch.zeros_like(p, dtype=self._storage_dtype(p)) for p in params])
+        label = f"SPG.end_task({task_id}): "
+        if self._sharded and shared_forward:
+            raise ValueError(f"{label}shared_forward=True is not supported on FSDP2 (sharded) models: the importance "
+                             "pass runs one forward per head through the sharded model")
+        work = ([sharded.local(a).clone() for a in self._importance.values()] if self._importance else
+                [torch.zeros_like(sharded.local(p), dtype=self._storage_dtype(p)) for p in params])
         call = forward or self._inner
         if self._heads is None:
             heads, head_label = [task_id], (lambda _head: "the task")
@@ -258,33 +271,48 @@ class SPG:
                 return call(x)
         else:
             heads, head_label, run_forward = list(range(task_id + 1)), "head {}".format, call
-        label = f"SPG.end_task({task_id}): "
-        engine = ImportancePass(
-            self._inner, params, self._partition.heads.values(), heads, loader, run_forward,
-            lambda head: loss_fn if head == task_id else _logit_sum, prepare_batch or _mover(params[0].device),
-            shared_forward=shared_forward, memory_budget=memory_budget, label=label, head_label=head_label)
+
+        def loss_for(head: int) -> Callable[[Any, Any], Tensor]:
+            return loss_fn if head == task_id else _logit_sum
+
+        prepare = prepare_batch or _mover(params[0].device)
         with preserved(self.model), wrapper_forward_refused(self.model, label):
             self.model.train(train_mode)
-            # Each head's sums are complete here; a DDP model's are summed over its ranks (spg_fast.distributed).
-            for done in summed_across_processes(engine.run(), self.model, params, names, label, head_label):
-                present = [i for i, h in enumerate(done.sums) if h is not None]
-                flags = self._ops.importance_max_([work[i] for i in present], [done.sums[i] for i in present])
-                if bool(flags.any()):
-                    bad = [present[i] for i in flags.nonzero().flatten().tolist()]
-                    trace = done.nonfinite
-                    if trace is not None and trace.batch is not None:
-                        where = f"first at batch {trace.batch} (counting from 0)"
-                    elif trace is not None and trace.reproduced:
-                        where = "every batch's gradient was finite, their sum overflowed"
-                    else:
-                        where = "not traced to a batch (repeating the pass did not reproduce it)"
-                    raise FloatingPointError(
-                        f"{label}non-finite gradient (NaN or Inf) for {head_label(done.head)} in parameter(s) "
-                        f"{', '.join(names[i] for i in bad)}: {where}; every loss was finite, so the backward pass "
-                        "produced it (an overflow, or a hook or autograd function); the accumulated importance is "
-                        "unchanged")
+            if self._sharded:
+                report = PassReport(reason="FSDP2: one forward per head through the sharded model",
+                                    passes=len(heads))
+                group = sharded.process_group(params)
+                with closing(sharded.head_sums(self.model, params, heads, loader, run_forward, loss_for, prepare,
+                                               label, head_label)) as passes:
+                    for done in passes:
+                        bad = sharded.importance_max_(self._ops, work, done.sums, group)
+                        if bad:
+                            self._nonfinite(label, head_label(done.head), [names[i] for i in bad],
+                                            "on some rank (not traced to a batch under FSDP2)", every_rank=True)
+            else:
+                engine = ImportancePass(self._inner, params, self._partition.heads.values(), heads, loader,
+                                        run_forward, loss_for, prepare, shared_forward=shared_forward,
+                                        memory_budget=memory_budget, label=label, head_label=head_label)
+                report = engine.report
+                # Each head's sums are complete here; a DDP model's are summed over its ranks
+                # (spg_fast.distributed).
+                for done in summed_across_processes(engine.run(), self.model, params, names, label, head_label):
+                    present = [i for i, h in enumerate(done.sums) if h is not None]
+                    flags = self._ops.importance_max_([work[i] for i in present], [done.sums[i] for i in present])
+                    if bool(flags.any()):
+                        bad = [present[i] for i in flags.nonzero().flatten().tolist()]
+                        self._nonfinite(label, head_label(done.head), [names[i] for i in bad], _where(done))
+        if self._sharded:
+            work = [sharded.like(w, p) for w, p in zip(work, params, strict=True)]
         self._commit(dict(zip(shared, work, strict=True)), task_id + 1)
-        return engine.report
+        return report
+
+    @staticmethod
+    def _nonfinite(label: str, head: str, names: list[str], where: str, every_rank: bool = False) -> None:
+        raise FloatingPointError(
+            f"{label}non-finite gradient (NaN or Inf) for {head} in parameter(s) {', '.join(names)}: {where}; every "
+            "loss was finite, so the backward pass produced it (an overflow, or a hook or autograd function); the "
+            f"accumulated importance is unchanged{' on every rank' if every_rank else ''}")
 
     def _commit(self, importance: dict[str, Tensor], tasks_finished: int) -> None:
         """Install ``importance`` (by shared-parameter name) and what the mask derives from it.
@@ -294,22 +322,60 @@ class SPG:
         across tasks and checkpoint loads."""
         self._importance = _copied_into(self._importance, importance)
         values = list(self._importance.values())
-        self._factors = _copied_into(self._factors, dict(zip(importance, self._ops.mask_factors(values), strict=True)))
-        scale = self._ops.head_scale(values) if values else None
+        shards = [sharded.local(a) for a in values]
+        self._factors = _copied_into(self._factors, dict(zip(importance, self._ops.mask_factors(shards), strict=True)))
+        if not values:
+            scale = None
+        elif self._sharded:
+            group = sharded.process_group(list(self._partition.shared.values()))
+            scale = self._ops.head_scale(shards, numel=sum(a.numel() for a in values),
+                                         reduce=lambda total: dist.all_reduce(total, group=group))
+        else:
+            scale = self._ops.head_scale(values)
         self._head_scale = (scale if scale is None or self._head_scale is None
                             or self._head_scale.dtype != scale.dtype else self._head_scale.copy_(scale))
         self._tasks_finished = tasks_finished
         self._rebuild_slots()
 
     # ----------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, full: bool = False) -> dict[str, Any]:
         """Importance by shared-parameter name and the number of finished tasks; ``torch.load(weights_only=True)``
-        reads it back."""
-        return {"format": STATE_FORMAT, "tasks_finished": self._tasks_finished,
-                "importance": dict(self._importance)}
+        reads it back. The tensors are SPG's own (as ``nn.Module.state_dict`` gives its parameters), not copies.
+
+        On an FSDP2 model the importance tensors are DTensors, each rank holding its shards (what
+        ``torch.distributed.checkpoint`` saves; see ``spg_fast.checkpoint``); ``full=True`` gathers them into full
+        tensors on every rank (a collective: call it on every rank), which a model that is not sharded loads."""
+        importance = dict(self._importance)
+        if full:
+            importance = {n: a.full_tensor() if sharded.is_sharded(a) else a for n, a in importance.items()}
+        return {"format": STATE_FORMAT, "tasks_finished": self._tasks_finished, "importance": importance}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()`` output; every problem is reported at once and nothing changes on error."""
+        """Restore ``state_dict()`` output; every problem is reported at once and nothing changes on error.
+
+        On an FSDP2 model every rank calls it, with full tensors (the same on every rank, as a loaded checkpoint
+        is: each rank keeps its shard, without communication) or DTensors; the ranks agree before anything changes
+        (one all-reduce), so a problem on one rank raises on every rank."""
+        if not self._sharded:
+            self._commit(*self._checked(state_dict))
+            return
+        error: Exception | None = None
+        try:
+            checked = self._checked(state_dict)
+        except (TypeError, ValueError, RuntimeError) as exc:  # announced to the other ranks, then raised here
+            error = exc
+        params = list(self._partition.shared.values())
+        failed = sharded.agree([error is not None], sharded.process_group(params), sharded.local(params[0]).device)
+        if error is not None:
+            raise error
+        if failed[0]:
+            raise ValueError(f"SPG state dict does not match the model on {failed[0]} other rank(s) (see their "
+                             "errors); nothing was loaded on any rank")
+        self._commit(*checked)
+
+    def _checked(self, state_dict: Mapping[str, Any]) -> tuple[dict[str, Tensor], int]:
+        """The importance to install (laid out as the parameters) and the number of finished tasks from
+        ``state_dict``, or the error naming every problem."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"SPG state dict must be a mapping, got {type(state_dict).__name__}")
         expected_keys = {"format", "tasks_finished", "importance"}
@@ -328,8 +394,7 @@ class SPG:
         if tasks == 0:
             if saved:
                 raise ValueError("SPG state dict: tasks_finished is 0 but importance has entries")
-            self._commit({}, 0)
-            return
+            return {}, 0
         problems = []
         missing = [n for n in shared if n not in saved]
         extra = [n for n in saved if n not in shared]
@@ -337,6 +402,7 @@ class SPG:
             problems.append(f"missing importance for {', '.join(missing)}")
         if extra:
             problems.append(f"unexpected entries {', '.join(map(str, extra))}")
+        laid_out = {}
         for name in shared.keys() & saved.keys():
             value, param = saved[name], shared[name]
             if not isinstance(value, Tensor) or not value.is_floating_point():
@@ -344,12 +410,20 @@ class SPG:
             elif value.shape != param.shape:
                 problems.append(f"{name}: shape {tuple(value.shape)} does not match the parameter's "
                                 f"{tuple(param.shape)}")
-            elif not bool(((value >= 0) & (value <= 1)).all()):
-                problems.append(f"{name}: importance values must lie in [0, 1] (NaN is not allowed)")
+            elif sharded.is_sharded(value) and not self._sharded:
+                problems.append(f"{name}: a DTensor (a sharded model's state); this model is not sharded: save it "
+                                "with state_dict(full=True)")
+            else:
+                value = sharded.distribute(value, param) if self._sharded else value
+                piece = sharded.local(value)
+                if not bool(((piece >= 0) & (piece <= 1)).all()):
+                    problems.append(f"{name}: importance values must lie in [0, 1] (NaN is not allowed)")
+                else:
+                    copy = piece.to(device=sharded.local(param).device, dtype=self._storage_dtype(param), copy=True)
+                    laid_out[name] = sharded.like(copy, param) if self._sharded else copy
         if problems:
             raise ValueError("SPG state dict does not match the model: " + "; ".join(problems))
-        self._commit({n: saved[n].to(device=p.device, dtype=self._storage_dtype(p), copy=True)
-                      for n, p in shared.items()}, tasks)
+        return {n: laid_out[n] for n in shared}, tasks
 
     def _storage_dtype(self, param: Tensor) -> torch.dtype:
         return self._importance_dtype or compute_dtype(param.dtype)
@@ -370,8 +444,8 @@ class SPG:
             return
         shared, factors, heads = self.mask_split(list(params))
         start = dict(zip(map(id, params), before, strict=True))
-        moved = [*shared, *heads]
-        origin = [start[id(p)] for p in moved]
+        moved = [sharded.local(p) for p in (*shared, *heads)]
+        origin = [sharded.local(start[id(p)]) for p in (*shared, *heads)]
         deltas = torch._foreach_sub(moved, origin)
         self._ops.soft_mask_(deltas[:len(shared)], factors, deltas[len(shared):], self._head_scale)
         torch._foreach_add_(origin, deltas)
@@ -394,6 +468,16 @@ def _copied_into(current: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str
         if current[n] is not t:
             current[n].copy_(t)
     return current
+
+
+def _where(done: HeadSums) -> str:
+    """Where a head's non-finite gradient sum came from, in words."""
+    trace = done.nonfinite
+    if trace is not None and trace.batch is not None:
+        return f"first at batch {trace.batch} (counting from 0)"
+    if trace is not None and trace.reproduced:
+        return "every batch's gradient was finite, their sum overflowed"
+    return "not traced to a batch (repeating the pass did not reproduce it)"
 
 
 def _logit_sum(logits: Tensor, _target: Tensor) -> Tensor:

@@ -156,3 +156,75 @@ def test_no_full_size_float64_temporaries(monkeypatch):
         reference.importance_max_([acc], [h])
     largest = max(e.cpu_memory_usage for e in prof.events())
     assert 0 < largest <= 8 * reference._CPU_CHUNK < 4 * h.numel()
+
+
+def _pieces(h: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """``h`` cut into ``k`` uneven pieces (as FSDP2 shards rows), with an empty piece second."""
+    parts = list(torch.tensor_split(h, k))
+    return [parts[0], h[:0], *parts[1:]]
+
+
+def _merged_importance(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = _pieces(h, k)
+    stats = reference.merge_moments(torch.stack([reference.moments(p) for p in parts]))
+    accs = [torch.zeros_like(p) for p in parts]
+    flags = reference.importance_max_with_(accs, parts, stats.expand(len(parts), -1))
+    return torch.cat(accs), flags
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("n", [2, 7, *MULTI_CHUNK])
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (1e4, 1.0), (3e6, 0.5), (-2e3, 1e-2)])
+def test_pieces_with_merged_statistics_get_the_whole_tensors_importance(n, mean, std, k):
+    """Shards standardised with their merged moments: the rounded float64 oracle of the whole tensor."""
+    h = _gradient(n, seed=n % 1000 + k, mean=mean, std=std)
+    got, flags = _merged_importance(h, k)
+    assert not bool(flags.any())
+    _assert_correctly_rounded(got, h, float(torch.tensor(mean, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, -3e6])
+def test_constant_pieces_merge_to_exactly_zero(value):
+    h = torch.full((2 * CHUNK + 5,), value)
+    stats = reference.merge_moments(torch.stack([reference.moments(p) for p in _pieces(h, 3)]))
+    assert float(stats[3]) == 0.0
+    got, flags = _merged_importance(h, 3)
+    assert not bool(flags.any()) and bool((got == 0).all())
+
+
+def test_one_element_among_empty_pieces_gives_zero():
+    h = torch.tensor([2.5])
+    got, flags = _merged_importance(h, 1)
+    assert got.tolist() == [0.0] and not bool(flags.any())
+    stats = reference.merge_moments(torch.stack([reference.moments(h[:0]), reference.moments(h)]))
+    assert stats.tolist() == [1.0, 2.5, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_piece_flags_every_piece_and_changes_nothing(bad):
+    h = _gradient(3 * CHUNK, seed=3, mean=0.0, std=1.0)
+    h[2 * CHUNK + 1] = bad
+    parts = _pieces(h, 3)
+    stats = reference.merge_moments(torch.stack([reference.moments(p) for p in parts]))
+    accs = [torch.full_like(p, 0.25) for p in parts]
+    flags = reference.importance_max_with_(accs, parts, stats.expand(len(parts), -1))
+    assert bool(flags.all())
+    assert all(bool((a == 0.25).all()) for a in accs)
+
+
+def test_head_scale_of_shards_is_that_of_the_whole():
+    """Two holders' shards, their float64 totals summed by ``reduce`` (as an all-reduce would)."""
+    g = torch.Generator().manual_seed(4)
+    whole = [torch.rand(33, 5, generator=g), torch.rand(1, 6, generator=g)]
+    mine = [whole[0][:17], whole[1][:1]]
+    theirs = [whole[0][17:], whole[1][1:]]
+    other_total = torch.stack([reference.float64_sum(t) for t in theirs]).sum()
+    calls = []
+
+    def reduce(total: torch.Tensor) -> None:
+        calls.append(1)
+        total += other_total
+
+    got = reference.head_scale(mine, numel=sum(t.numel() for t in whole), reduce=reduce)
+    assert calls == [1]
+    assert float(got) == float(reference.head_scale(whole))

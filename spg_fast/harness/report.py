@@ -9,12 +9,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from spg_fast.harness.outputs import write_atomic
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn: importing it takes 0.4 s,
+    which every process of a run under torchrun would pay, although only rank 0 draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def matrix_table(matrix: list[list[float]]) -> str:
@@ -65,6 +71,7 @@ def plot_run(result: dict[str, Any], path: Path) -> None:
     t = len(matrix)
     grid = [[row[j] if j < len(row) else math.nan for j in range(t)] for row in matrix]
     low, high = colour_range([v for row in matrix for v in row])
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     im = ax1.imshow(grid, vmin=low, vmax=high, cmap="viridis")
     for i in range(t):
@@ -132,6 +139,7 @@ def write_comparison(out: Path, sequence: str, results: list[dict[str, Any]], ro
 
 def plot_comparison(sequence: str, results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
     """Bars of ACC and forgetting (mean ± std over seeds), and average accuracy over the sequence per method."""
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     methods = [r["method"] for r in rows]
     width = 0.38

@@ -16,23 +16,28 @@ from torch import Tensor, nn
 
 from spg_fast.harness.config import ConfigError, TrainConfig
 from spg_fast.harness.models import MultiHeadNet, build_model
+from spg_fast.harness.parallel import Ranks
 from spg_fast.harness.sequences import Split, TaskSequence
+from spg_fast.params import inner_module
 from spg_fast.spg import SPG
 
 METHODS = ("spg", "finetune", "one")
 
 # The authors' input standardisation (per channel): ImageNet's statistics for colour images, MNIST's for grey ones.
 NORMALIZATION = {3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 1: ((0.1307,), (0.3081,))}
+EVAL_BATCH = 512  # samples per forward and rank when evaluating
 
 EpochLog = Callable[[dict[str, Any]], None]
 
 
 class Inputs:
     """Turns stored samples into model inputs on ``device``: uint8 images scaled to [0, 1], then (``normalize``)
-    standardised per channel."""
+    standardised per channel. Over several processes (``ranks``) each rank gets its share of every batch."""
 
-    def __init__(self, seq: TaskSequence, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(self, seq: TaskSequence, cfg: TrainConfig, device: torch.device, ranks: Ranks | None = None
+                 ) -> None:
         self.device = device
+        self.ranks = ranks or Ranks(device=device)
         self.stats: tuple[Tensor, Tensor] | None = None
         if cfg.normalize:
             channels = seq.input_shape[0] if len(seq.input_shape) == 3 else None
@@ -47,22 +52,35 @@ class Inputs:
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         return (x - self.stats[0]) / self.stats[1] if self.stats else x
 
-    def batches(self, split: Split, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Mini-batches of ``split`` in ``order`` (stored order without)."""
+    def shares(self, split: Split, batch_size: int, order: Tensor | None = None
+               ) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """This rank's share (x, y) of each mini-batch of ``split`` in ``order`` (stored order without), and the
+        batch's size over the number of ranks: dividing the share's summed loss by it, the ranks' averaged
+        gradients are the whole batch's mean gradient (one process: the share is the batch, the loss its mean)."""
         order = torch.arange(len(split)) if order is None else order
         for idx in order.split(batch_size):
-            yield self(split.x[idx]), split.y[idx].to(self.device)
+            mine = self.ranks.share(idx)
+            yield self(split.x[mine]), split.y[mine].to(self.device), len(idx) / self.ranks.world
+
+    def batches(self, split: Split, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's share (x, y) of each mini-batch, as ``shares``."""
+        for x, y, _ in self.shares(split, batch_size, order):
+            yield x, y
 
 
 @torch.no_grad()
-def evaluate(model: MultiHeadNet, task: int, split: Split, inputs: Inputs) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model``'s head ``task`` on ``split``."""
+def evaluate(model: nn.Module, task: int, split: Split, inputs: Inputs) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model``'s head ``task`` on ``split``. Over several processes each rank evaluates
+    its share of every batch (a DDP model through its inner module, an FSDP2 one in step with the other ranks) and
+    the sums are added up: every rank gets the same numbers."""
     model.eval()
+    net = inner_module(model)
     loss = correct = 0.0
-    for x, y in inputs.batches(split, 512):
-        logits = model(x, task)
+    for x, y, _ in inputs.shares(split, EVAL_BATCH * inputs.ranks.world):
+        logits = net(x, task)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
+    loss, correct = inputs.ranks.sum([loss, correct])
     return loss / len(split), correct / len(split)
 
 
@@ -110,15 +128,16 @@ class _Plateau:
 SCHEDULERS = {"divide-stop": _DivideStop, "plateau": _Plateau}
 
 
-def train_task(model: MultiHeadNet, optimizer: torch.optim.Optimizer, task: int, seq: TaskSequence,
+def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, task: int, seq: TaskSequence,
                cfg: TrainConfig, inputs: Inputs, generator: torch.Generator, on_epoch: EpochLog | None = None
                ) -> int:
     """Train head ``task`` and the trunk under ``cfg.schedule`` and restore the weights of the epoch with the
     lowest validation loss (a non-finite validation loss also restores them, as the authors' code does). Returns
-    the number of epochs run."""
+    the number of epochs run. ``model`` may be wrapped for several processes (``inputs.ranks``): every rank then
+    trains on its share of each batch, and all take the same validation decisions."""
     data = seq.tasks[task]
     schedule = SCHEDULERS[cfg.schedule](optimizer, cfg)
-    heads = list(model.heads.parameters())
+    heads = list(inner_module(model).heads.parameters())
     best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
     order = torch.randperm(len(data.train), generator=generator) if cfg.shuffle == "once" else None
     for epoch in range(1, cfg.max_epochs + 1):
@@ -126,14 +145,16 @@ def train_task(model: MultiHeadNet, optimizer: torch.optim.Optimizer, task: int,
         model.train()
         total = torch.zeros((), device=inputs.device)
         epoch_order = order if order is not None else torch.randperm(len(data.train), generator=generator)
-        for x, y in inputs.batches(data.train, cfg.batch_size, epoch_order):
+        for x, y, per_rank in inputs.shares(data.train, cfg.batch_size, epoch_order):
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x, task), y)
+            loss = F.cross_entropy(model(x, task), y, reduction="sum") / per_rank
             loss.backward()
             if cfg.clip_heads:
                 nn.utils.clip_grad_norm_(heads, cfg.clip_heads)
             optimizer.step()
-            total += loss.detach() * len(y)
+            total += loss.detach() * per_rank
+        inputs.ranks.sync_buffers(model)
+        train_loss = inputs.ranks.sum([total.item()])[0] / len(data.train)
         val_loss, val_acc = evaluate(model, task, data.val, inputs)
         improved = val_loss < best_loss
         if improved:
@@ -141,7 +162,7 @@ def train_task(model: MultiHeadNet, optimizer: torch.optim.Optimizer, task: int,
         elif not math.isfinite(val_loss):
             model.load_state_dict(best_state)
         if on_epoch:
-            on_epoch({"task": task, "epoch": epoch, "train_loss": total.item() / len(data.train),
+            on_epoch({"task": task, "epoch": epoch, "train_loss": train_loss,
                       "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
                       "seconds": time.perf_counter() - start, "restored": not improved and
                       not math.isfinite(val_loss)})
@@ -178,28 +199,33 @@ class Learner:
 
     ``spg`` and ``finetune`` train one network; ``one`` a new one per task. Every task gets a fresh optimizer (as
     in the authors' code), wrapped with ``spg.wrap`` for ``spg``. With ``cfg.bn_stats == "per-task"`` the
-    BatchNorm statistics are stored at each task's end and swapped in to evaluate that task."""
+    BatchNorm statistics are stored at each task's end and swapped in to evaluate that task. Over several
+    processes (``ranks``) each network is trained wrapped (DDP or FSDP2); ``models`` holds the networks
+    themselves, whose parameter names and checkpoints are those of one process."""
 
     def __init__(self, method: str, make_model: Callable[[], MultiHeadNet], device: torch.device, cfg: TrainConfig,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", ranks: Ranks | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         self.method, self.make_model, self.device, self.cfg = method, make_model, device, cfg
+        self.ranks = ranks or Ranks(device=device)
         self.models: list[MultiHeadNet] = []
+        self.wrapped: list[nn.Module] = []
         self.spg: SPG | None = None
         self.bn_stats: list[dict[str, Tensor]] = []
         if method != "one":
             self._new_model()
             if method == "spg":
-                self.spg = SPG(self.models[0], heads=self.models[0].heads, backend=backend)
+                self.spg = SPG(self.wrapped[0], heads="heads", backend=backend)
 
-    def _new_model(self) -> MultiHeadNet:
+    def _new_model(self) -> nn.Module:
         model = self.make_model().to(self.device)
         self.models.append(model)
-        return model
+        self.wrapped.append(self.ranks.wrap(model))
+        return self.wrapped[-1]
 
-    def start_task(self, task: int) -> tuple[MultiHeadNet, torch.optim.Optimizer]:
-        model = self._new_model() if self.method == "one" else self.models[0]
+    def start_task(self, task: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = self._new_model() if self.method == "one" else self.wrapped[0]
         optimizer = make_optimizer(self.cfg.optimizer, model.parameters())
         if self.spg is not None:
             optimizer = self.spg.wrap(optimizer)
@@ -207,48 +233,67 @@ class Learner:
             group["lr"] = self.cfg.lr
         return model, optimizer
 
-    def model_for(self, task: int) -> MultiHeadNet:
-        return self.models[task] if self.method == "one" else self.models[0]
+    def model_for(self, task: int) -> nn.Module:
+        """The (wrapped) network that answers for ``task``."""
+        return self.wrapped[task] if self.method == "one" else self.wrapped[0]
 
     def end_task(self, task: int, seq: TaskSequence, inputs: Inputs) -> float:
         """Store the task's BatchNorm statistics (per-task) and run SPG's importance pass; returns the seconds the
         pass took (0 for the other methods). The pass runs the model in train mode; the BatchNorm statistics are
-        kept as training left them."""
-        model = self.model_for(task)
+        kept as training left them. Over several processes each rank passes its share of every batch, with the
+        training loss's weighting, and SPG combines the ranks' gradient sums."""
+        model = inner_module(self.model_for(task))
         if self.cfg.bn_stats == "per-task":
             self.bn_stats.append(_bn_buffers(model))
         if self.spg is None:
             return 0.0
         kept = _bn_buffers(model)
         start = time.perf_counter()
-        self.spg.end_task(task, list(inputs.batches(seq.tasks[task].train, self.cfg.batch_size)))
+        self.spg.end_task(task, list(inputs.shares(seq.tasks[task].train, self.cfg.batch_size)),
+                          loss_fn=_share_loss, prepare_batch=_share_batch)
         _load_buffers(model, kept)
         return time.perf_counter() - start
 
     def test(self, task: int, seq: TaskSequence, inputs: Inputs) -> float:
         """Test accuracy on ``task`` (with that task's BatchNorm statistics when they are per task)."""
         model = self.model_for(task)
+        net = inner_module(model)
         if not self.bn_stats:
             return evaluate(model, task, seq.tasks[task].test, inputs)[1]
-        current = _bn_buffers(model)
-        _load_buffers(model, self.bn_stats[task])
+        current = _bn_buffers(net)
+        _load_buffers(net, self.bn_stats[task])
         try:
             return evaluate(model, task, seq.tasks[task].test, inputs)[1]
         finally:
-            _load_buffers(model, current)
+            _load_buffers(net, current)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"models": [m.state_dict() for m in self.models], "bn_stats": self.bn_stats,
-                "spg": self.spg.state_dict() if self.spg else None}
+        """The networks (whole tensors, also when sharded: every rank must call this), the BatchNorm statistics
+        and SPG's state."""
+        full = self.ranks.full
+        return {"models": [full(m.state_dict()) for m in self.models], "bn_stats": self.bn_stats,
+                "spg": full(self.spg.state_dict()) if self.spg else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         while len(self.models) < len(state["models"]):
             self._new_model()
         for model, saved in zip(self.models, state["models"], strict=True):
-            model.load_state_dict(saved)
+            model.load_state_dict(self.ranks.sharded_like(model, saved))
         self.bn_stats = state["bn_stats"]
         if self.spg is not None:
             self.spg.load_state_dict(state["spg"])
+
+
+def _share_batch(batch: tuple[Tensor, Tensor, float]) -> tuple[Tensor, tuple[Tensor, float]]:
+    x, y, per_rank = batch
+    return x, (y, per_rank)
+
+
+def _share_loss(logits: Tensor, target: tuple[Tensor, float]) -> Tensor:
+    """The importance pass's loss for the task's head: as in training (``Inputs.shares``), so that the ranks'
+    gradient sums add up to one process's."""
+    y, per_rank = target
+    return F.cross_entropy(logits, y, reduction="sum") / per_rank
 
 
 def model_factory(backbone: str, seq: TaskSequence, cfg: TrainConfig) -> Callable[[], MultiHeadNet]:

@@ -61,14 +61,14 @@ class Adam(MaskedOptimizer):
                      amsgrad=group["amsgrad"], maximize=group["maximize"])
         for batch in batches:
             params, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) = batch.params, batch.state
-            grads = [p.grad for p in params]
+            grads = batch.grads()
             kernels = self.kernels_for([*params, *grads, *batch.factors, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs])
             if kernels is not None:  # they advance the step counts themselves
                 kernels.adam_step_(params, grads, batch.factors, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                                    batch.scale, grad_scale, found_inf, decoupled=decoupled, **hyper)
                 continue
             torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf)
-            self.spg.mask_gradients(params)
+            self.spg.mask_gradients(batch.keys)
             fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
             fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, grad_scale=grad_scale,
                   found_inf=found_inf, **hyper)

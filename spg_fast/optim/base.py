@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from spg_fast import sharded
 from spg_fast.backend import StepKernels
 from spg_fast.optimizer import register
 from spg_fast.spg import SPG
@@ -31,23 +32,32 @@ def check_hyperparameters(**values: float | Tensor) -> None:
             raise ValueError(f"Invalid {names[key]}: {value}")
 
 
-def _check_plain(params: list[Tensor], where: str) -> None:
-    """Refuse tensor subclasses (FSDP2's DTensor): the fused steps address a tensor's memory directly."""
+def _check_types(params: list[Tensor], where: str) -> None:
+    """Refuse tensor subclasses other than FSDP2's DTensor (whose local shards the steps update): the fused steps
+    address a tensor's memory directly."""
     for p in params:
-        if type(p) not in (Tensor, torch.nn.Parameter):
+        if type(p) not in (Tensor, torch.nn.Parameter) and not sharded.is_sharded(p):
             raise TypeError(f"{where}: a parameter of shape {tuple(p.shape)} is a {type(p).__name__}; "
-                            "spg_fast.optim steps plain tensors only. Wrap a torch.optim optimizer with spg.wrap "
-                            "instead")
+                            "spg_fast.optim steps plain tensors and FSDP2's DTensors only. Wrap a torch.optim "
+                            "optimizer with spg.wrap instead")
 
 
 class Batch(NamedTuple):
-    """Parameters of one dtype in one param group, stepped by one launch: shared ones first, then heads."""
+    """Parameters of one dtype in one param group, stepped by one launch: shared ones first, then heads. For FSDP2
+    (DTensor parameters) the tensors the step updates are this rank's shards."""
 
-    params: list[Tensor]
+    params: list[Tensor]  # what the step updates: the parameters, or their local shards
     factors: list[Tensor]  # the shared parameters' mask factors (the backend's)
     scale: Tensor | None  # the head scale; None before the first task (no mask)
-    state: tuple[list[Tensor], ...]  # the optimizer's state lists, as its step kernel takes them
+    state: tuple[list[Tensor], ...]  # the optimizer's state lists (local shards), as its step kernel takes them
     first_step: list[bool]  # per parameter: no state before this step
+    keys: list[Tensor]  # the parameters as the optimizer holds them (DTensors under FSDP2)
+
+    def grads(self) -> list[Tensor]:
+        """The gradients, laid out as ``params``."""
+        if self.keys is self.params:
+            return [p.grad for p in self.params]
+        return [sharded.local(p.grad) for p in self.keys]
 
 
 class MaskedOptimizer(Optimizer):
@@ -75,7 +85,7 @@ class MaskedOptimizer(Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         where = f"{type(self).__name__}.add_param_group"
-        _check_plain(params, where)
+        _check_types(params, where)
         if self.param_groups:  # the first groups are checked at registration, with the SPG object's message
             self.spg.check_parameters(params, where)
         super().add_param_group({**param_group, "params": params})
@@ -124,11 +134,18 @@ class MaskedOptimizer(Optimizer):
         cached = self._batch_cache.get(id(group))
         if cached is not None and cached[0] == key:
             return cached[1]
-        batches = [Batch(batch, factors, scale, *self.state_lists(group, batch))
-                   for batch, factors, scale in self._batches(params)]
+        batches = [self._batch(group, *parts) for parts in self._batches(params)]
         # From the next step on, every one of these parameters has its state: none takes a first step.
         self._batch_cache[id(group)] = (key, [b._replace(first_step=[False] * len(b.params)) for b in batches])
         return batches
+
+    def _batch(self, group: dict[str, Any], params: list[Tensor], factors: list[Tensor], scale: Tensor | None
+               ) -> Batch:
+        state, first = self.state_lists(group, params)
+        if not sharded.is_sharded(params[0]):  # SPG takes all parameters sharded or none
+            return Batch(params, factors, scale, state, first, params)
+        shards = tuple([sharded.local(t) for t in tensors] for tensors in state)
+        return Batch([sharded.local(p) for p in params], factors, scale, shards, first, params)
 
     @property
     def _batch_cache(self) -> dict[int, tuple[tuple, list[Batch]]]:

@@ -42,13 +42,13 @@ class SGD(MaskedOptimizer):
                      dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
         for batch in batches:
             params, (bufs,), first = batch.params, batch.state, batch.first_step
-            grads = [p.grad for p in params]
+            grads = batch.grads()
             kernels = self.kernels_for([*params, *grads, *batch.factors, *bufs])
             if kernels is not None:
                 kernels.sgd_step_(params, grads, batch.factors, bufs, first, batch.scale, grad_scale, found_inf,
                                   **hyper)
                 continue
-            self.spg.mask_gradients(params)
+            self.spg.mask_gradients(batch.keys)
             # torch's fused kernel takes one is_first_step flag per call: parameters without a momentum buffer
             # before this step (all on the first step; later, a head added since) go in a call of their own.
             for is_first in (True, False):

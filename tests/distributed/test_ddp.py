@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.workers import N_TASKS, SPLITS, WORLD, launch
+from tests.distributed.workers import N_TASKS, SPLITS, launch
 
 # Spawning two processes and importing torch in them takes most of this; a hang fails at the timeout.
 TIMEOUT_S = 90
@@ -77,12 +77,6 @@ def test_failure_on_one_rank_raises_on_the_others(ranks: list[dict[str, Any]], c
         kind, message = result[f"failure/{case}"]["error"]
         assert kind == "RuntimeError" and "failed on rank(s) [1]" in message
     assert all(result["in_step"] for result in ranks)
-
-
-def test_fsdp2_is_refused_clearly(ranks: list[dict[str, Any]]) -> None:
-    assert len(ranks) == WORLD
-    for result in ranks:
-        assert result["fsdp2"] is not None and "DTensor" in result["fsdp2"] and "not supported" in result["fsdp2"]
 
 
 def test_forward_through_the_ddp_wrapper_is_refused_on_every_rank(ranks: list[dict[str, Any]]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +122,6 @@ def _failure_scenario(rank: int, kind: str) -> dict[str, Any]:
     return {"error": error, "unchanged": unchanged}
 
 
-def _fsdp2_scenario() -> str | None:
-    from torch.distributed.fsdp import fully_shard
-
-    model = fully_shard(MultiHeadNet())
-    try:
-        SPG(model, heads="heads")
-    except TypeError as exc:
-        return str(exc)
-    return None
-
-
 def run_rank(rank: int, init_file: str, out: str) -> None:
     """Every scenario on this rank; the measurements go to ``out/rank{rank}.pt``."""
     torch.set_num_threads(1)
@@ -143,7 +133,6 @@ def run_rank(rank: int, init_file: str, out: str) -> None:
                 results[f"ddp/{find_unused}/{name}"] = _ddp_scenario(rank, find_unused, split)
         for kind in ("nan_grad", "nan_loss", "empty", "ddp_forward"):
             results[f"failure/{kind}"] = _failure_scenario(rank, kind)
-        results["fsdp2"] = _fsdp2_scenario()
         probe = torch.tensor([float(rank)])
         dist.all_reduce(probe)  # the ranks are still in step after the failures
         results["in_step"] = float(probe) == sum(range(WORLD))
@@ -155,11 +144,11 @@ def run_rank(rank: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def launch(out: Path, timeout: float) -> list[dict[str, Any]]:
-    """Run ``run_rank`` on ``WORLD`` spawned processes; a rank still running after ``timeout`` seconds is killed
-    and reported as a hang."""
+def launch(out: Path, timeout: float, target: Callable[[int, str, str], None] = run_rank) -> list[dict[str, Any]]:
+    """Run ``target(rank, init_file, out)`` (default ``run_rank``) on ``WORLD`` spawned processes; a rank still
+    running after ``timeout`` seconds is killed and reported as a hang."""
     init_file = out / "init"
-    context = mp.start_processes(run_rank, args=(str(init_file), str(out)), nprocs=WORLD, join=False,
+    context = mp.start_processes(target, args=(str(init_file), str(out)), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
