@@ -3,12 +3,10 @@ measurements are saved to ``out/rank{r}.pt`` for the test process to check."""
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -210,25 +208,14 @@ def _hsdp_scenario() -> str | None:
     return None
 
 
-def run_rank(rank: int, init_file: str, out: str) -> None:
-    """Every scenario on this rank; the measurements go to ``out/rank{rank}.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results: dict[str, Any] = {}
-        for name, split in SPLITS.items():
-            results[f"importance/{name}"] = _importance_scenario(rank, split)
-        for kind in ("nan_grad", "nan_loss", "empty", "bad_checkpoint", "shared_forward"):
-            results[f"failure/{kind}"] = _failure_scenario(rank, kind)
-        results["checkpoint"] = _checkpoint_scenario(rank, Path(out))
-        results["fused"] = _fused_scenario(rank)
-        results["hsdp"] = _hsdp_scenario()
-        probe = torch.tensor([float(rank)])
-        dist.all_reduce(probe)  # the ranks are still in step after the failures
-        results["in_step"] = float(probe) == sum(range(WORLD))
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out) / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+def fsdp_scenarios(rank: int, out: Path) -> dict[str, Any]:
+    """Every FSDP2 scenario on this rank."""
+    results: dict[str, Any] = {}
+    for name, split in SPLITS.items():
+        results[f"importance/{name}"] = _importance_scenario(rank, split)
+    for kind in ("nan_grad", "nan_loss", "empty", "bad_checkpoint", "shared_forward"):
+        results[f"failure/{kind}"] = _failure_scenario(rank, kind)
+    results["checkpoint"] = _checkpoint_scenario(rank, out)
+    results["fused"] = _fused_scenario(rank)
+    results["hsdp"] = _hsdp_scenario()
+    return results

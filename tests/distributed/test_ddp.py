@@ -1,6 +1,6 @@
 """SPG under DistributedDataParallel: 2 gloo processes on CPU against one process over all the data.
 
-The ranks run once for the module (``workers.run_rank``); each test checks one property of what they measured.
+The ranks run once for the module (``workers.ddp_scenarios``); each test checks one property of what they measured.
 """
 
 from __future__ import annotations

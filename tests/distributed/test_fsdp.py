@@ -1,6 +1,7 @@
 """SPG under FSDP2 (``fully_shard``): 2 gloo processes on CPU against one process over all the data.
 
-The ranks run once for the module (``fsdp_workers.run_rank``); each test checks one property of what they measured.
+The ranks run once for the module (``fsdp_workers.fsdp_scenarios``); each test checks one property of what they
+measured.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from spg_fast import SPG
 from spg_fast.checkpoint import SPGState
-from tests.distributed.fsdp_workers import FUSED_CASES, N_TASKS, SPLITS, ShardNet, run_rank
+from tests.distributed.fsdp_workers import FUSED_CASES, N_TASKS, SPLITS, ShardNet, fsdp_scenarios
 from tests.distributed.workers import WORLD, launch
 
 # Spawning two processes and importing torch in them takes most of this; a hang fails at the timeout.
@@ -30,7 +31,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ranks(folder: Path) -> list[dict[str, Any]]:
-    return launch(folder, TIMEOUT_S, run_rank)
+    return launch(folder, TIMEOUT_S, fsdp_scenarios)
 
 
 @pytest.mark.parametrize("case", IMPORTANCE_CASES)

@@ -122,17 +122,24 @@ def _failure_scenario(rank: int, kind: str) -> dict[str, Any]:
     return {"error": error, "unchanged": unchanged}
 
 
-def run_rank(rank: int, init_file: str, out: str) -> None:
-    """Every scenario on this rank; the measurements go to ``out/rank{rank}.pt``."""
+def ddp_scenarios(rank: int, out: Path) -> dict[str, Any]:
+    """Every DDP scenario on this rank."""
+    results: dict[str, Any] = {}
+    for find_unused in (False, True):
+        for name, split in SPLITS.items():
+            results[f"ddp/{find_unused}/{name}"] = _ddp_scenario(rank, find_unused, split)
+    for kind in ("nan_grad", "nan_loss", "empty", "ddp_forward"):
+        results[f"failure/{kind}"] = _failure_scenario(rank, kind)
+    return results
+
+
+def _run_rank(rank: int, init_file: str, out: str, scenarios: Callable[[int, Path], dict[str, Any]]) -> None:
+    """``scenarios`` on this rank in a gloo process group, then a check that the ranks are still in step; the
+    measurements go to ``out/rank{rank}.pt``, a failure's traceback to ``out/rank{rank}.error``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        results: dict[str, Any] = {}
-        for find_unused in (False, True):
-            for name, split in SPLITS.items():
-                results[f"ddp/{find_unused}/{name}"] = _ddp_scenario(rank, find_unused, split)
-        for kind in ("nan_grad", "nan_loss", "empty", "ddp_forward"):
-            results[f"failure/{kind}"] = _failure_scenario(rank, kind)
+        results = scenarios(rank, Path(out))
         probe = torch.tensor([float(rank)])
         dist.all_reduce(probe)  # the ranks are still in step after the failures
         results["in_step"] = float(probe) == sum(range(WORLD))
@@ -144,11 +151,12 @@ def run_rank(rank: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def launch(out: Path, timeout: float, target: Callable[[int, str, str], None] = run_rank) -> list[dict[str, Any]]:
-    """Run ``target(rank, init_file, out)`` (default ``run_rank``) on ``WORLD`` spawned processes; a rank still
-    running after ``timeout`` seconds is killed and reported as a hang."""
+def launch(out: Path, timeout: float, scenarios: Callable[[int, Path], dict[str, Any]] = ddp_scenarios
+           ) -> list[dict[str, Any]]:
+    """Run ``scenarios(rank, out)`` on ``WORLD`` spawned processes; a rank still running after ``timeout`` seconds
+    is killed and reported as a hang."""
     init_file = out / "init"
-    context = mp.start_processes(target, args=(str(init_file), str(out)), nprocs=WORLD, join=False,
+    context = mp.start_processes(_run_rank, args=(str(init_file), str(out), scenarios), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
