@@ -195,6 +195,25 @@ def _fused_scenario(rank: int) -> dict[str, Any]:
     return result
 
 
+def _no_heads_scenario(rank: int) -> dict[str, Any]:
+    """A model without per-task heads (``heads=None``), bfloat16 importance: against one process."""
+    tasks = make_tasks(n_tasks=2, n_batches=4, batch=8, n_in=N_IN, seed=4)
+    torch.manual_seed(4)
+    plain = nn.Sequential(nn.Linear(N_IN, 33), nn.Tanh(), nn.Linear(33, 3))
+    model = nn.Sequential(nn.Linear(N_IN, 33), nn.Tanh(), nn.Linear(33, 3))
+    model.load_state_dict(plain.state_dict())
+    fully_shard(model)
+    spg = SPG(model, backend="torch", importance_dtype=torch.bfloat16)
+    single = SPG(plain, backend="torch", importance_dtype=torch.bfloat16)
+    for task, batches in enumerate(tasks):
+        spg.end_task(task, batches[rank * 2:(rank + 1) * 2])
+        single.end_task(task, batches)
+    full = _full(spg)
+    return {"dtypes": sorted({str(a.dtype) for a in full.values()}),
+            "diff": max(float((full[n].float() - a.float()).abs().max()) for n, a in single.importance.items()),
+            "head_scale": (float(spg.head_scale), float(single.head_scale))}
+
+
 def _hsdp_scenario() -> str | None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -217,5 +236,6 @@ def fsdp_scenarios(rank: int, out: Path) -> dict[str, Any]:
         results[f"failure/{kind}"] = _failure_scenario(rank, kind)
     results["checkpoint"] = _checkpoint_scenario(rank, out)
     results["fused"] = _fused_scenario(rank)
+    results["no_heads"] = _no_heads_scenario(rank)
     results["hsdp"] = _hsdp_scenario()
     return results

@@ -129,6 +129,14 @@ def test_dcp_checkpoint_of_two_ranks_loads_into_one_plain_process(ranks: list[di
     assert all(torch.equal(spg.importance[n], want[n]) for n in want)
 
 
+def test_a_model_without_heads_with_bfloat16_importance(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        result = r["no_heads"]
+        assert result["dtypes"] == ["torch.bfloat16"]
+        assert result["diff"] <= 2.0**-9  # one bfloat16 rounding of values below 1 (a float32 difference may flip it)
+        assert abs(result["head_scale"][0] - result["head_scale"][1]) < 1e-6
+
+
 def test_hsdp_is_refused_clearly(ranks: list[dict[str, Any]]) -> None:
     for r in ranks:
         assert r["hsdp"] is not None and "HSDP" in r["hsdp"]
