@@ -167,8 +167,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="continue the run(s) in --out after the last finished task (finished runs are kept)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
     p.add_argument("--nproc", type=_whole(1), metavar="N",
-                   help="train with N processes on this machine (started through torchrun; each takes its share of "
-                   "every batch)")
+                   help="train with N processes on this machine, started through torchrun's launcher (each takes its "
+                   "share of every batch); without torchrun: under it, use its --nproc-per-node")
     p.add_argument("--fsdp", action="store_true",
                    help="with several processes: shard the network with FSDP2 (fully_shard) instead of replicating "
                    "it with DDP (the default)")
@@ -225,10 +225,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, An
             p.error("--backend: triton is not installed")
         if not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
             p.error("--backend: triton needs --device cuda (on the CPU only under TRITON_INTERPRET=1)")
-    launched = launched_world_size()
-    if args.nproc is not None and launched > 1 and args.nproc != launched:
-        p.error(f"--nproc: torchrun started {launched} processes, not {args.nproc}; give one or the other")
-    world = max(launched, args.nproc or 1)
+    # torchrun's own parser takes --nproc for its --nproc-per-node, so under torchrun --nproc never gets here.
+    world = max(launched_world_size(), args.nproc or 1)
     if args.fsdp and world == 1:
         p.error("--fsdp: shards the network over several processes: launch with torchrun --nproc-per-node N, or "
                 "pass --nproc N")
