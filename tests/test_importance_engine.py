@@ -88,6 +88,47 @@ def test_per_head_schedule_runs_a_forward_per_head_and_batch():
     assert all(torch.equal(g, w) for head in range(4) for g, w in zip(got[head], want[head], strict=True))
 
 
+@pytest.mark.parametrize("shared_forward", [False, True])
+def test_gradients_after_the_first_batch_are_added_by_hooks_as_backward_produces_them(monkeypatch, shared_forward):
+    """From the second batch on, autograd.grad hands back stride-0 zeros in place of the gradients (their memory
+    was freed during backward, once added), and the sums are still the literal ones."""
+    model, batches = _float64_setup(2)
+    returned = []
+    grad = torch.autograd.grad
+
+    def recording_grad(*args, **kwargs):
+        out = grad(*args, **kwargs)
+        returned.append(out)
+        return out
+
+    monkeypatch.setattr(torch.autograd, "grad", recording_grad)
+    got = _run(_engine(model, batches, 2, shared_forward=shared_forward))
+    monkeypatch.undo()
+    want = _literal_sums(model, batches, 2)
+    assert all(torch.equal(g, w) for head in range(3) for g, w in zip(got[head], want[head], strict=True))
+    assert len(returned) == 3 * len(batches)
+    first, later = (returned[:3], returned[3:]) if shared_forward else (returned[::len(batches)], [
+        r for i, r in enumerate(returned) if i % len(batches)])
+    assert all(g.stride() != (0,) * g.dim() or g.numel() < 2 for out in first for g in out)
+    assert all(g.dim() and g.stride() == (0,) * g.dim() and not g.any() for out in later for g in out)
+
+
+def test_the_pass_leaves_no_hooks_and_runs_the_users_first(monkeypatch):
+    model, batches = _float64_setup(1)
+    weight = model.trunk[0].weight
+    seen = []
+    user = weight.register_hook(lambda g: seen.append(g.clone()))
+    before = dict(weight._backward_hooks)
+    got = _run(_engine(model, batches, 1))
+    assert dict(weight._backward_hooks) == before
+    assert len(seen) == 2 * len(batches)  # the user's hook saw every real gradient, none of the zeros
+    assert torch.equal(sum(seen[0::2]), got[0][0]) and torch.equal(sum(seen[1::2]), got[1][0])
+    with pytest.raises(FloatingPointError):
+        _run(_engine(model, _nan_at(1, batches), 1))
+    assert dict(weight._backward_hooks) == before
+    user.remove()
+
+
 def test_default_budget_puts_a_small_model_in_one_group():
     model, batches = _float64_setup(4)
     engine = _engine(model, batches, 4)
