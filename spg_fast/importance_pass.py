@@ -15,7 +15,9 @@ per-head passes are kept. ``shared_forward=True`` forces the shared forward (all
 random draws), ``False`` the per-head passes.
 
 Gradients are taken with ``torch.autograd.grad`` into the pass's own buffers, one per head and shared parameter:
-``.grad`` is never read or written, so post-accumulate-grad hooks and DDP's reducer are not involved.
+``.grad`` is never read or written, so post-accumulate-grad hooks and DDP's reducer are not involved. From a
+head's second batch on, a tensor hook (``_AddingHooks``) adds each gradient into its buffer as backward produces
+it.
 ``ImportancePass.run`` yields each head's sums once they are complete and before anything turns them into
 importance: the one place where a distributed run would combine them across processes.
 
