@@ -87,7 +87,11 @@ def _per_head_passes(model: MultiHeadNet, batches: list, k: int, stats: bool) ->
     model.zero_grad(set_to_none=True)
 
 
-Config = tuple[Callable[[], object] | None, Callable[[], object]]  # (untimed setup, the timed call)
+Config = tuple[Callable[[], object], Callable[[], object]]  # (untimed setup, the timed call)
+
+
+def _nothing() -> None:
+    """The setup of a configuration that needs none."""
 
 
 def _configurations(model: MultiHeadNet, batches: list, k: int) -> dict[str, Config]:
@@ -104,8 +108,8 @@ def _configurations(model: MultiHeadNet, batches: list, k: int) -> dict[str, Con
         return reset, lambda: spg.end_task(k, batches, **options)
 
     configs: dict[str, Config] = {
-        "floor": (None, lambda: _per_head_passes(model, batches, k, stats=False)),
-        "per-head, float32 stats": (None, lambda: _per_head_passes(model, batches, k, stats=True)),
+        "floor": (_nothing, lambda: _per_head_passes(model, batches, k, stats=False)),
+        "per-head, float32 stats": (_nothing, lambda: _per_head_passes(model, batches, k, stats=True)),
         "spg-fast per-head": end_task(shared_forward=False),
         "spg-fast auto": end_task(),
     }
@@ -124,15 +128,13 @@ def time_passes(name: str, k: int, n_batches: int, rounds: int, warm_up: bool) -
     configs = _configurations(model, batches, k)
     if warm_up:
         for setup, fn in configs.values():
-            if setup is not None:
-                setup()
+            setup()
             fn()
     reports: dict[str, object] = {}
     times: dict[str, list[float]] = {label: [] for label in configs}
     for r in range(rounds):
         for label, (setup, fn) in configs.items():
-            if setup is not None:
-                setup()
+            setup()
             start = time.perf_counter()
             reports[label] = fn()
             times[label].append(time.perf_counter() - start)
