@@ -21,6 +21,7 @@ run: install
 test: install
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # On a machine with a CUDA GPU and its own CUDA build of torch and triton (not the CPU-only .venv): the whole test
 # suite compiled, the GPU-only tests, the harness on the GPU and every benchmark, into bench/results/<gpu>-<date>/.
@@ -29,6 +30,7 @@ gpu:
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

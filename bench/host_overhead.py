@@ -1,13 +1,16 @@
 """Host time of one optimizer step with every kernel launch stubbed out: what a step costs the CPU before the GPU
-does any work, for spg-fast's fused SGD / AdamW and mask on the Triton path, beside torch's fused SGD / AdamW over
-the same number of tensors (one-element tensors on the CPU, so torch's own arithmetic is negligible too).
+does any work, for spg-fast's fused SGD / AdamW and mask on the Triton path, beside torch's fused
+SGD / AdamW over the same number of tensors (one-element tensors on the CPU, so torch's own
+arithmetic is negligible too).
 
-    python -m bench.host_overhead [--counts 96,161,954] [--out bench/results/<machine>-host-overhead]
+    python -m bench.host_overhead [--counts 96,161,954]
+                                  [--out bench/results/<machine>-host-overhead]
 
-161 is ResNet-50's number of parameter tensors. The Triton launchers run on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1``, set here) with the launch itself replaced by a no-op, so everything around it (launch
-plans, pointer tables, checks, dispatch) is timed and nothing else. Writes ``host_overhead.{md,csv,json}``.
-"""
+161 is ResNet-50's number of parameter tensors. The Triton launchers run on CPU tensors under
+Triton's interpreter (``TRITON_INTERPRET=1``, set here) with the launch itself replaced by a no-op,
+so everything around it (launch plans, pointer tables, checks, dispatch) is timed and nothing else.
+Writes ``host_overhead.{md,csv,json}``.
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -32,8 +35,12 @@ import spg_fast
 from spg_fast import SPG, optim
 
 RESNET50_TENSORS = 161
-KERNELS = [("soft_mask", "_soft_mask"), ("sgd_step", "_sgd_step"), ("adam_step", "_adam_step"),
-           ("adam_step", "_advance_steps")]
+KERNELS = [
+    ("soft_mask", "_soft_mask"),
+    ("sgd_step", "_sgd_step"),
+    ("adam_step", "_adam_step"),
+    ("adam_step", "_advance_steps"),
+]
 
 
 class _NoLaunch:
@@ -83,8 +90,13 @@ def measure(count: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     model = _Model(count)
     spg = SPG(model, heads=model.heads, backend="triton")
-    spg.load_state_dict({"format": 1, "tasks_finished": 1,
-                         "importance": {n: torch.rand_like(p) for n, p in spg.shared_parameters.items()}})
+    spg.load_state_dict(
+        {
+            "format": 1,
+            "tasks_finished": 1,
+            "importance": {n: torch.rand_like(p) for n, p in spg.shared_parameters.items()},
+        }
+    )
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
@@ -93,7 +105,9 @@ def measure(count: int, repeats: int) -> list[dict]:
         p.grad = torch.randn_like(p)
     cases = {
         "spg_fast.optim.SGD(momentum=0.9)": optim.SGD(params, lr=1e-3, momentum=0.9, spg=spg).step,
-        "torch.optim.SGD(momentum=0.9, fused=True)": torch.optim.SGD(twin, lr=1e-3, momentum=0.9, fused=True).step,
+        "torch.optim.SGD(momentum=0.9, fused=True)": torch.optim.SGD(
+            twin, lr=1e-3, momentum=0.9, fused=True
+        ).step,
         "spg_fast.optim.AdamW": optim.AdamW(params, lr=1e-3, spg=spg).step,
         "torch.optim.AdamW(fused=True)": torch.optim.AdamW(twin, lr=1e-3, fused=True).step,
         "spg.mask_gradients()": spg.mask_gradients,
@@ -110,34 +124,51 @@ def _markdown(rows: list[dict], env: dict) -> str:
     counts = sorted({r["tensors"] for r in rows})
     steps = list(dict.fromkeys(r["step"] for r in rows))
     by = {(r["tensors"], r["step"]): r["host_us"] for r in rows}
-    lines = [f"Host time per step, launches stubbed out (median, microseconds); {env['cpu']}, torch {env['torch']}, "
-             f"triton {env['triton']}, {env['threads']} threads, {env['date']}.", "",
-             "| step | " + " | ".join(f"{c} tensors" for c in counts) + " |",
-             "|---|" + "---|" * len(counts)]
+    lines = [
+        f"Host time per step, launches stubbed out (median, microseconds); {env['cpu']}, torch "
+        f"{env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date']}.",
+        "",
+        "| step | " + " | ".join(f"{c} tensors" for c in counts) + " |",
+        "|---|" + "---|" * len(counts),
+    ]
     lines += [f"| {s} | " + " | ".join(f"{by[c, s]:.0f}" for c in counts) + " |" for s in steps]
     ratio = [by[c, "spg_fast.optim.AdamW"] / by[c, "torch.optim.AdamW(fused=True)"] for c in counts]
-    lines += ["", "spg_fast.optim.AdamW / torch's fused AdamW: " + ", ".join(
-        f"{r:.2f}x at {c}" for c, r in zip(counts, ratio, strict=True))]
+    lines += [
+        "",
+        "spg_fast.optim.AdamW / torch's fused AdamW: "
+        + ", ".join(f"{r:.2f}x at {c}" for c, r in zip(counts, ratio, strict=True)),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", default=f"96,{RESNET50_TENSORS},954", help="tensor counts (comma-separated)")
+    parser.add_argument(
+        "--counts", default=f"96,{RESNET50_TENSORS},954", help="tensor counts (comma-separated)"
+    )
     parser.add_argument("--repeats", type=int, default=200, help="timed steps per case")
     parser.add_argument("--out", type=Path, help="folder for host_overhead.{md,csv,json}")
     args = parser.parse_args(argv)
     import triton
 
-    env = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "triton": triton.__version__, "spg_fast": spg_fast.__version__, "threads": torch.get_num_threads(),
-           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    rows = [row for count in map(int, args.counts.split(",")) for row in measure(count, args.repeats)]
+    env = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "spg_fast": spg_fast.__version__,
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    rows = [
+        row for count in map(int, args.counts.split(",")) for row in measure(count, args.repeats)
+    ]
     print(_markdown(rows, env))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host_overhead.md").write_text(_markdown(rows, env))
-        (args.out / "host_overhead.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        (args.out / "host_overhead.json").write_text(
+            json.dumps({"environment": env, "rows": rows}, indent=1)
+        )
         with open(args.out / "host_overhead.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()

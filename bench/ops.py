@@ -1,8 +1,10 @@
-"""The benchmarked ops and their competitors, each built on a fresh synthetic model of given parameter shapes.
+"""The benchmarked ops and their competitors, each built on a fresh synthetic model of given
+parameter shapes.
 
-A ``Problem`` holds one copy of everything a step touches (parameters, gradients, importance, optimizer state);
-``IMPLEMENTATIONS[op]`` maps an implementation name to a factory ``problem -> step()``. Importance values are
-uniform in [0, 1e-3) so that repeating the mask thousands of times does not drive gradients into denormals.
+A ``Problem`` holds one copy of everything a step touches (parameters, gradients, importance,
+optimizer state); ``IMPLEMENTATIONS[op]`` maps an implementation name to a factory
+``problem -> step()``. Importance values are uniform in [0, 1e-3) so that repeating the mask
+thousands of times does not drive gradients into denormals.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from spg_fast.backend import resolve_backend
 
 
 class _Model(nn.Module):
-    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
-        self.shared = nn.ParameterList(nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes)
+        self.shared = nn.ParameterList(
+            nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes
+        )
         self.head = nn.Linear(8, 2, device=device, dtype=dtype)
 
 
@@ -40,27 +46,39 @@ class Problem:
         return sum(p.numel() for p in self.params)
 
 
-def make_problem(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> Problem:
+def make_problem(
+    shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device
+) -> Problem:
     model = _Model(shapes, dtype, device)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     spg = SPG(model, heads="head")
-    importance = {n: torch.rand(p.shape, device=device) * 1e-3 for n, p in spg.shared_parameters.items()}
+    importance = {
+        n: torch.rand(p.shape, device=device) * 1e-3 for n, p in spg.shared_parameters.items()
+    }
     spg.load_state_dict({"format": 1, "tasks_finished": 1, "importance": importance})
     params = list(model.shared)
-    return Problem(model, spg, params, [p.grad for p in params], list(spg.importance.values()),
-                   reference.keep_factors(list(spg.importance.values())))
+    return Problem(
+        model,
+        spg,
+        params,
+        [p.grad for p in params],
+        list(spg.importance.values()),
+        reference.keep_factors(list(spg.importance.values())),
+    )
 
 
 def synthetic_shapes(numel: int, chunk: int = 1 << 20) -> list[tuple[int, ...]]:
-    """``numel`` parameters as tensors of about a million elements (odd sizes, so no tile is ever exact)."""
+    """``numel`` parameters as tensors of about a million elements (odd sizes, so no tile is
+    ever exact)."""
     count = max(1, math.ceil(numel / chunk))
     base, extra = divmod(numel, count)
     return [(base + (1 if i < extra else 0),) for i in range(count)]
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
-    """Parameter shapes of torchvision's ResNet-50 (convolutions and batch norms, 25.5M parameters)."""
+    """Parameter shapes of torchvision's ResNet-50 (convolutions and batch norms,
+    25.5M parameters)."""
     shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
     cin = 64
     for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
@@ -73,12 +91,27 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return [*shapes, (1000, 2048), (1000,)]
 
 
-def transformer_1b_shapes(d: int = 2048, layers: int = 20, vocab: int = 32000) -> list[tuple[int, ...]]:
-    """A GPT-style decoder of about 1.07B parameters: embedding, per layer qkv/proj/MLP weights, biases, norms."""
+def transformer_1b_shapes(
+    d: int = 2048, layers: int = 20, vocab: int = 32000
+) -> list[tuple[int, ...]]:
+    """A GPT-style decoder of about 1.07B parameters: embedding, per layer qkv/proj/MLP weights,
+    biases, norms."""
     shapes: list[tuple[int, ...]] = [(vocab, d)]
     for _ in range(layers):
-        shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,),
-                   (d,), (d,)]
+        shapes += [
+            (3 * d, d),
+            (3 * d,),
+            (d, d),
+            (d,),
+            (4 * d, d),
+            (4 * d,),
+            (d, 4 * d),
+            (d,),
+            (d,),
+            (d,),
+            (d,),
+            (d,),
+        ]
     return [*shapes, (d,), (d,)]
 
 
@@ -93,7 +126,9 @@ def _eager_mask(pr: Problem) -> Callable[[], None]:
     return step
 
 
-def _masked_then(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> Callable[[Problem], Callable]:
+def _masked_then(
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+) -> Callable[[Problem], Callable]:
     def build(pr: Problem) -> Callable[[], None]:
         opt = optimizer(pr.params)
 
@@ -106,7 +141,9 @@ def _masked_then(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> 
     return build
 
 
-def _compiled_masked(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> Callable[[Problem], Callable]:
+def _compiled_masked(
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+) -> Callable[[Problem], Callable]:
     def build(pr: Problem) -> Callable[[], None]:
         opt = optimizer(pr.params)
 
@@ -127,7 +164,9 @@ def _fused(cls: type, **kwargs: object) -> Callable[[Problem], Callable]:
     return build
 
 
-def _plain(optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> Callable[[Problem], Callable]:
+def _plain(
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+) -> Callable[[Problem], Callable]:
     def build(pr: Problem) -> Callable[[], None]:
         return optimizer(pr.params).step
 
@@ -142,13 +181,17 @@ def _importance_with(fn: Callable) -> Callable[[Problem], Callable]:
 
 
 def _spg_importance(pr: Problem) -> Callable[[], None]:
-    ops = resolve_backend("auto", list(zip(map(str, range(len(pr.params))), pr.params, strict=True)))
+    ops = resolve_backend(
+        "auto", list(zip(map(str, range(len(pr.params))), pr.params, strict=True))
+    )
     return lambda: ops.importance_max_(pr.importance, pr.grads)
 
 
-def _optimizer_competitors(ours: type, theirs: type, kwargs: dict) -> dict[str, Callable[[Problem], Callable]]:
-    """spg-fast's fused masked step against mask + torch's foreach and fused steps, the compiled masked step, and
-    torch's unmasked steps (the cost of the mask itself)."""
+def _optimizer_competitors(
+    ours: type, theirs: type, kwargs: dict
+) -> dict[str, Callable[[Problem], Callable]]:
+    """spg-fast's fused masked step against mask + torch's foreach and fused steps, the compiled
+    masked step, and torch's unmasked steps (the cost of the mask itself)."""
     return {
         "spg-fast fused": _fused(ours, **kwargs),
         "mask + torch foreach": _masked_then(lambda p: theirs(p, foreach=True, **kwargs)),
@@ -164,9 +207,9 @@ ADAMW = dict(lr=1e-3, weight_decay=1e-2)
 
 IMPLEMENTATIONS: dict[str, dict[str, Callable[[Problem], Callable[[], object]]]] = {
     "mask": {
-        "spg-fast": lambda pr: (lambda: pr.spg.mask_gradients(pr.params)),
+        "spg-fast": lambda pr: lambda: pr.spg.mask_gradients(pr.params),
         "eager loop": _eager_mask,
-        "torch._foreach_mul_": lambda pr: (lambda: torch._foreach_mul_(pr.grads, pr.keeps)),
+        "torch._foreach_mul_": lambda pr: lambda: torch._foreach_mul_(pr.grads, pr.keeps),
         "torch.compile": lambda pr: torch.compile(_eager_mask(pr)),
     },
     "sgd_momentum_masked": _optimizer_competitors(spg_fast.optim.SGD, torch.optim.SGD, SGD),
@@ -179,5 +222,9 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[[Problem], Callable[[], object]]]]
 }
 
 # Bytes-model entry for each benchmarked op (bench.bytes_model.STREAMS).
-BYTES_OP = {"mask": "mask", "sgd_momentum_masked": "sgd_momentum_masked", "adamw_masked": "adamw_masked",
-            "importance": "importance"}
+BYTES_OP = {
+    "mask": "mask",
+    "sgd_momentum_masked": "sgd_momentum_masked",
+    "adamw_masked": "adamw_masked",
+    "importance": "importance",
+}

@@ -1,6 +1,7 @@
 """Quick pytest-benchmark runs of every op and implementation at a small size: ``pytest bench -q``.
 
-These time, they do not assert speed; ``python -m bench.run`` is the full suite with the bytes model.
+These time, they do not assert speed; ``python -m bench.run`` is the full suite with the
+bytes model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import torch
 from bench.ops import IMPLEMENTATIONS, make_problem, synthetic_shapes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = [(op, impl) for op, impls in IMPLEMENTATIONS.items() for impl in impls if "compile" not in impl]
+CASES = [
+    (op, impl) for op, impls in IMPLEMENTATIONS.items() for impl in impls if "compile" not in impl
+]
 
 
 @pytest.mark.parametrize("op, impl", CASES, ids=[f"{op}-{impl}" for op, impl in CASES])

@@ -1,5 +1,5 @@
-"""Timing that holds up: warm-up, medians over many repeats, inputs rotated so caches do not serve them, and the
-device's measured streaming bandwidth (``stream_bandwidth``) as the yardstick."""
+"""Timing that holds up: warm-up, medians over many repeats, inputs rotated so caches do not serve
+them, and the device's measured streaming bandwidth (``stream_bandwidth``) as the yardstick."""
 
 from __future__ import annotations
 
@@ -20,12 +20,17 @@ def cache_bytes(device: torch.device) -> int:
         path = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size")
         if path.exists():
             text = path.read_text().strip()
-            return int(text[:-1]) * (1024 if text.endswith("K") else 1024**2) if text[-1] in "KM" else int(text)
+            return (
+                int(text[:-1]) * (1024 if text.endswith("K") else 1024**2)
+                if text[-1] in "KM"
+                else int(text)
+            )
     return 32 * 1024**2
 
 
 def copies_to_rotate(working_set: int, device: torch.device, budget: int) -> int:
-    """How many copies of the inputs make their total at least 3x the last-level cache (within ``budget`` bytes)."""
+    """How many copies of the inputs make their total at least 3x the last-level cache (within
+    ``budget`` bytes)."""
     want = math.ceil(3 * cache_bytes(device) / max(working_set, 1))
     return max(1, min(want, budget // max(working_set, 1), 64))
 
@@ -35,10 +40,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fns: list[Callable[[], object]], device: torch.device, min_repeats: int = 10,
-                   min_time: float = 0.2) -> float:
-    """Median time of one call, cycling through ``fns`` (one per rotated input copy): CUDA events on a GPU,
-    perf_counter on the CPU; at least ``min_repeats`` calls and ``min_time`` seconds after 3 warm-up rounds."""
+def median_seconds(
+    fns: list[Callable[[], object]],
+    device: torch.device,
+    min_repeats: int = 10,
+    min_time: float = 0.2,
+) -> float:
+    """Median time of one call, cycling through ``fns`` (one per rotated input copy): CUDA events on
+    a GPU, perf_counter on the CPU; at least ``min_repeats`` calls and ``min_time`` seconds
+    after 3 warm-up rounds."""
     for fn in fns * 3:
         fn()
     sync(device)
@@ -67,12 +77,14 @@ def median_seconds(fns: list[Callable[[], object]], device: torch.device, min_re
 
 
 def stream_bandwidth(device: torch.device, nbytes: int) -> tuple[float, str]:
-    """The device's streaming ceiling in bytes per second (bytes read plus bytes written), and how it was measured.
+    """The device's streaming ceiling in bytes per second (bytes read plus bytes written), and how
+    it was measured.
 
-    On a GPU: a large ``copy_``. On the CPU a copy is no ceiling: writing a line the core has not read costs a read
-    first (write-allocate), which the bytes model does not count, so in-place ops such as the mask measured over
-    100% of it. There the yardstick is the in-place triad ``a += s * b`` over buffers far past the last-level cache
-    with torch's thread count: the access pattern of the in-place ops (read two, write one back)."""
+    On a GPU: a large ``copy_``. On the CPU a copy is no ceiling: writing a line the core has not
+    read costs a read first (write-allocate), which the bytes model does not count, so in-place ops
+    such as the mask measured over 100% of it. There the yardstick is the in-place triad
+    ``a += s * b`` over buffers far past the last-level cache with torch's thread count: the access
+    pattern of the in-place ops (read two, write one back)."""
     n = nbytes // 4
     a = torch.rand(n, device=device)
     b = torch.rand(n, device=device)

@@ -2,10 +2,10 @@
 
     python -m bench.tune [--sizes 1e8,1e9] [--blocks 1024,2048,4096,8192] [--warps 4,8]
 
-The launch tables are built once, so only device time is measured (``triton.testing.do_bench``, median); the
-numbers say which ``BLOCK`` / ``NUM_WARPS`` the launch plans should use, and how far the kernels are from the
-measured copy bandwidth. GPU only.
-"""
+The launch tables are built once, so only device time is measured (``triton.testing.do_bench``,
+median); the numbers say which ``BLOCK`` / ``NUM_WARPS`` the launch plans should use, and how far
+the kernels are from the measured copy bandwidth. GPU only.
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -42,37 +42,162 @@ def tune(numel: int, blocks: list[int], warps: list[int], bandwidth: float) -> l
 
     def record(op: str, impl: str, ms: float) -> None:
         nbytes = numel * bytes_model.bytes_per_element(op, 4)
-        rows.append(dict(op=op, impl=impl, params=numel, ms=ms, fraction=nbytes / (ms / 1e3) / bandwidth))
-        print(f"{op:22} {numel:.0e} {impl:28} {ms:8.3f} ms {rows[-1]['fraction']:6.1%} of copy", flush=True)
+        rows.append(
+            dict(op=op, impl=impl, params=numel, ms=ms, fraction=nbytes / (ms / 1e3) / bandwidth)
+        )
+        print(
+            f"{op:22} {numel:.0e} {impl:28} {ms:8.3f} ms {rows[-1]['fraction']:6.1%} of copy",
+            flush=True,
+        )
 
-    common = dict(ADT=tl.float32, HAS_MASK=True, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, LR_TENSOR=False,
-                  ALIGNED=True)
+    common = dict(
+        ADT=tl.float32,
+        HAS_MASK=True,
+        HAS_GRAD_SCALE=False,
+        HAS_FOUND_INF=False,
+        LR_TENSOR=False,
+        ALIGNED=True,
+    )
 
     def sweep(block: int, nw: int) -> None:
         tt, ts, n = tile_table(p, dev, block)
         grid = (tt.numel(),)
         tag = f"BLOCK={block} warps={nw}"
-        record("mask", tag, _median_ms(lambda: soft_mask._soft_mask[grid](
-            ptr["g"], ptr["a"], n, tt, ts, one, len(g), GDT=tl.float32, ADT=tl.float32, BLOCK=block, ALIGNED=True,
-            num_warps=nw)))
-        record("sgd_momentum_masked", tag, _median_ms(lambda: sgd_step._sgd_step[grid](
-            ptr["p"], ptr["g"], ptr["a"], ptr["m"], first, n, tt, ts, one, len(p), one, one, one, 1e-6, 0.0, 0.9,
-            0.0,
-            PDT=tl.float32, HAS_WD=False, HAS_MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, BLOCK=block,
-            num_warps=nw, **common)))
-        record("adamw_masked", tag, _median_ms(lambda: adam_step._adam_step[grid](
-            ptr["p"], ptr["g"], ptr["a"], ptr["m"], ptr["v"], ptr["v"], ptr["step"], n, tt, ts, one, len(p), one,
-            one, one, 1e-6, 0.0, 0.1, 0.999, 0.001, -0.105, 0.0, -0.001, 0.0, 1e-8, 1e-2, 1.0 - 1e-8,
-            PDT=tl.float32, HAS_WD=True, DECOUPLED=True,
-            AMSGRAD=False, MAXIMIZE=False, BLOCK=block, num_warps=nw, **common)))
+        record(
+            "mask",
+            tag,
+            _median_ms(
+                lambda: soft_mask._soft_mask[grid](
+                    ptr["g"],
+                    ptr["a"],
+                    n,
+                    tt,
+                    ts,
+                    one,
+                    len(g),
+                    GDT=tl.float32,
+                    ADT=tl.float32,
+                    BLOCK=block,
+                    ALIGNED=True,
+                    num_warps=nw,
+                )
+            ),
+        )
+        record(
+            "sgd_momentum_masked",
+            tag,
+            _median_ms(
+                lambda: sgd_step._sgd_step[grid](
+                    ptr["p"],
+                    ptr["g"],
+                    ptr["a"],
+                    ptr["m"],
+                    first,
+                    n,
+                    tt,
+                    ts,
+                    one,
+                    len(p),
+                    one,
+                    one,
+                    one,
+                    1e-6,
+                    0.0,
+                    0.9,
+                    0.0,
+                    PDT=tl.float32,
+                    HAS_WD=False,
+                    HAS_MOMENTUM=True,
+                    NESTEROV=False,
+                    MAXIMIZE=False,
+                    BLOCK=block,
+                    num_warps=nw,
+                    **common,
+                )
+            ),
+        )
+        record(
+            "adamw_masked",
+            tag,
+            _median_ms(
+                lambda: adam_step._adam_step[grid](
+                    ptr["p"],
+                    ptr["g"],
+                    ptr["a"],
+                    ptr["m"],
+                    ptr["v"],
+                    ptr["v"],
+                    ptr["step"],
+                    n,
+                    tt,
+                    ts,
+                    one,
+                    len(p),
+                    one,
+                    one,
+                    one,
+                    1e-6,
+                    0.0,
+                    0.1,
+                    0.999,
+                    0.001,
+                    -0.105,
+                    0.0,
+                    -0.001,
+                    0.0,
+                    1e-8,
+                    1e-2,
+                    1.0 - 1e-8,
+                    PDT=tl.float32,
+                    HAS_WD=True,
+                    DECOUPLED=True,
+                    AMSGRAD=False,
+                    MAXIMIZE=False,
+                    BLOCK=block,
+                    num_warps=nw,
+                    **common,
+                )
+            ),
+        )
         partials = torch.empty(tt.numel(), 6, dtype=torch.float64, device=dev)
         stats = torch.zeros(len(p), 3, dtype=torch.float64, device=dev)
         stats[:, 1] = 1.0
-        record("importance_stats", tag, _median_ms(lambda: importance_max._tile_stats[grid](
-            ptr["g"], n, tt, ts, partials, DT=tl.float32, BLOCK=block, ALIGNED=True, num_warps=nw)))
-        record("importance_update", tag, _median_ms(lambda: importance_max._update[grid](
-            ptr["g"], ptr["a"], n, tt, ts, stats, DT=tl.float32, ADT=tl.float32, BLOCK=block, ALIGNED=True,
-            num_warps=nw)))
+        record(
+            "importance_stats",
+            tag,
+            _median_ms(
+                lambda: importance_max._tile_stats[grid](
+                    ptr["g"],
+                    n,
+                    tt,
+                    ts,
+                    partials,
+                    DT=tl.float32,
+                    BLOCK=block,
+                    ALIGNED=True,
+                    num_warps=nw,
+                )
+            ),
+        )
+        record(
+            "importance_update",
+            tag,
+            _median_ms(
+                lambda: importance_max._update[grid](
+                    ptr["g"],
+                    ptr["a"],
+                    n,
+                    tt,
+                    ts,
+                    stats,
+                    DT=tl.float32,
+                    ADT=tl.float32,
+                    BLOCK=block,
+                    ALIGNED=True,
+                    num_warps=nw,
+                )
+            ),
+        )
 
     for block, nw in itertools.product(blocks, warps):
         sweep(block, nw)
@@ -97,8 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth, _ = stream_bandwidth(torch.device("cuda"), 1 << 30)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     for size in args.sizes.split(","):
-        tune(int(float(size)), [int(b) for b in args.blocks.split(",")], [int(w) for w in args.warps.split(",")],
-             bandwidth)
+        tune(
+            int(float(size)),
+            [int(b) for b in args.blocks.split(",")],
+            [int(w) for w in args.warps.split(",")],
+            bandwidth,
+        )
         torch.cuda.empty_cache()
 
 

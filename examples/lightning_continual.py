@@ -1,5 +1,5 @@
-"""SPG in a Lightning training loop: three classification tasks learned one after another by one network with a
-head per task, with and without SPG's callback. Runs on the CPU in a few seconds.
+"""SPG in a Lightning training loop: three classification tasks learned one after another by one
+network with a head per task, with and without SPG's callback. Runs on the CPU in a few seconds.
 
     pip install "spg-fast[lightning]"
     python examples/lightning_continual.py
@@ -26,7 +26,9 @@ class MultiHeadNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU())
+        self.trunk = nn.Sequential(
+            nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU()
+        )
         self.heads = nn.ModuleList(nn.Linear(HIDDEN, CLASSES) for _ in range(TASKS))
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
@@ -41,7 +43,9 @@ class ContinualModule(L.LightningModule):
         self.net = net
         self.task = 0
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         return F.cross_entropy(self.net(x, self.task), y)
 
@@ -70,21 +74,37 @@ def accuracy(net: MultiHeadNet, data: TensorDataset, task: int) -> float:
     return acc
 
 
-def learn_sequence(tasks: list[tuple[TensorDataset, TensorDataset]], use_spg: bool) -> list[list[float]]:
-    """Fit the tasks in order; returns R[i][j], the test accuracy on task j after learning task i."""
+def learn_sequence(
+    tasks: list[tuple[TensorDataset, TensorDataset]], use_spg: bool
+) -> list[list[float]]:
+    """Fit the tasks in order; returns R[i][j], the test accuracy on task j after learning
+    task i."""
     torch.manual_seed(0)
     module = ContinualModule(MultiHeadNet())
     spg = SPG(module.net, heads=module.net.heads)  # every parameter outside the heads is shared
-    callbacks = [SPGCallback(spg)] if use_spg else []  # masks each step; ends the task when fit returns
+    callbacks = (
+        [SPGCallback(spg)] if use_spg else []
+    )  # masks each step; ends the task when fit returns
     rows = []
     for task, (train, _) in enumerate(tasks):
         module.task = task
-        trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            max_epochs=EPOCHS,
+            accelerator="cpu",
+            devices=1,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, DataLoader(train, batch_size=128, shuffle=True))
         rows.append([accuracy(module.net, tasks[j][1], j) for j in range(task + 1)])
     if use_spg:
-        print(f"SPG finished {spg.tasks_finished} tasks; head gradients are now scaled by {float(spg.head_scale):.3f}")
+        print(
+            f"SPG finished {spg.tasks_finished} tasks; head gradients are now scaled by "
+            f"{float(spg.head_scale):.3f}"
+        )
     return rows
 
 
@@ -97,7 +117,9 @@ def main() -> None:
         for i, row in enumerate(rows):
             print(f"  task {i}  " + "  ".join(f"{a:.3f}" for a in row))
         final = rows[-1]
-        forgetting = sum(max(rows[i][j] for i in range(j, TASKS)) - final[j] for j in range(TASKS - 1)) / (TASKS - 1)
+        forgetting = sum(
+            max(rows[i][j] for i in range(j, TASKS)) - final[j] for j in range(TASKS - 1)
+        ) / (TASKS - 1)
         print(f"  average accuracy {sum(final) / TASKS:.3f}, forgetting {forgetting:.3f}")
 
 

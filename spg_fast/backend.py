@@ -1,15 +1,18 @@
-"""The one place that chooses which implementation of SPG's tensor operations runs, optimizer steps included.
+"""The one place that chooses which implementation of SPG's tensor operations runs, optimizer
+steps included.
 
-``"torch"`` is the pure-PyTorch reference (any device, any floating dtype). ``"triton"`` runs the Triton kernels of
-``spg_fast.kernels.triton`` on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1``
-is set (how CI tests them). ``"auto"`` picks Triton for CUDA tensors of supported dtypes when Triton is installed,
-the reference otherwise; both compute the same results (see the kernels' parity tests).
+``"torch"`` is the pure-PyTorch reference (any device, any floating dtype). ``"triton"`` runs the
+Triton kernels of ``spg_fast.kernels.triton`` on CUDA tensors, or on CPU tensors under Triton's
+interpreter when ``TRITON_INTERPRET=1`` is set (how CI tests them). ``"auto"`` picks Triton for CUDA
+tensors of supported dtypes when Triton is installed, the reference otherwise; both compute the same
+results (see the kernels' parity tests).
 
-``spg_fast.optim``'s fused steps come from the same ``Ops`` (``Ops.step_kernels``): the Triton kernels on the triton
-backend; on the torch backend, the native CPU kernels of ``spg_fast.kernels.cpu`` for contiguous float32/float64
-CPU tensors (built with the system C compiler on first use; ``SPG_FAST_NATIVE=0`` turns them off, ``=1`` makes a
-failed build an error), and otherwise none: "mask ``.grad``, then torch's fused step". All three compute the same
-update up to float rounding.
+``spg_fast.optim``'s fused steps come from the same ``Ops`` (``Ops.step_kernels``): the Triton
+kernels on the triton backend; on the torch backend, the native CPU kernels of
+``spg_fast.kernels.cpu`` for contiguous float32/float64 CPU tensors (built with the system C
+compiler on first use; ``SPG_FAST_NATIVE=0`` turns them off, ``=1`` makes a failed build an error),
+and otherwise none: "mask ``.grad``, then torch's fused step". All three compute the same update up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ NATIVE_SETTINGS = ("auto", "0", "1")
 
 
 class StepKernels(NamedTuple):
-    """Fused masked optimizer steps with the signatures of ``spg_fast.kernels.triton.sgd_step.sgd_step_`` and
-    ``adam_step.adam_step_``; they take the backend's mask factors."""
+    """Fused masked optimizer steps with the signatures of
+    ``spg_fast.kernels.triton.sgd_step.sgd_step_`` and ``adam_step.adam_step_``; they take the
+    backend's mask factors."""
 
     sgd_step_: Callable[..., None]
     adam_step_: Callable[..., None]
@@ -41,14 +45,16 @@ class StepKernels(NamedTuple):
 
 @dataclass(frozen=True)
 class Ops:
-    """SPG's tensor operations as one backend implements them (signatures as in ``spg_fast.reference``).
+    """SPG's tensor operations as one backend implements them (signatures as
+    in ``spg_fast.reference``).
 
-    ``mask_factors(importances)`` gives, per shared tensor, what ``soft_mask_`` and the step kernels multiply by:
-    the keep factor ``1 - A`` for the reference and the native CPU steps, ``A`` itself for the Triton kernels
-    (which form ``1 - A`` in registers). ``moments`` and ``importance_max_with_`` serve parameters sharded across
-    processes (FSDP2), whose statistics are merged before the importance is formed; both backends use the
-    reference's for them. ``step_kernels(tensors)`` gives the fused steps that serve a batch of
-    ``spg_fast.optim`` (every tensor the step touches), or None: mask ``.grad``, then torch's fused step.
+    ``mask_factors(importances)`` gives, per shared tensor, what ``soft_mask_`` and the step kernels
+    multiply by: the keep factor ``1 - A`` for the reference and the native CPU steps, ``A`` itself
+    for the Triton kernels (which form ``1 - A`` in registers). ``moments`` and
+    ``importance_max_with_`` serve parameters sharded across processes (FSDP2), whose statistics are
+    merged before the importance is formed; both backends use the reference's for them.
+    ``step_kernels(tensors)`` gives the fused steps that serve a batch of ``spg_fast.optim`` (every
+    tensor the step touches), or None: mask ``.grad``, then torch's fused step.
     """
 
     name: str
@@ -59,7 +65,8 @@ class Ops:
     step_kernels: Callable[[Sequence[Tensor]], StepKernels | None]
     moments: Callable[[Tensor], Tensor] = reference.moments
     importance_max_with_: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor] = (
-        reference.importance_max_with_)
+        reference.importance_max_with_
+    )
 
 
 def triton_available() -> bool:
@@ -74,13 +81,20 @@ def _triton_ops() -> Ops:
     from spg_fast.kernels.triton.soft_mask import soft_mask_
 
     steps = StepKernels(sgd_step_, adam_step_)
-    return Ops(name="triton", importance_max_=importance_max_, mask_factors=list, head_scale=reference.head_scale,
-               soft_mask_=soft_mask_, step_kernels=lambda tensors: steps)
+    return Ops(
+        name="triton",
+        importance_max_=importance_max_,
+        mask_factors=list,
+        head_scale=reference.head_scale,
+        soft_mask_=soft_mask_,
+        step_kernels=lambda tensors: steps,
+    )
 
 
 @functools.cache
 def _native_build_problem() -> str | None:
-    """Why the native CPU kernels cannot be built here (None: built and loaded); tried once per process."""
+    """Why the native CPU kernels cannot be built here (None: built and loaded); tried once
+    per process."""
     from spg_fast.kernels.cpu.build import NativeBuildError, load
 
     try:
@@ -88,15 +102,19 @@ def _native_build_problem() -> str | None:
     except NativeBuildError as error:
         if os.environ.get("SPG_FAST_NATIVE") == "1":
             raise
-        warnings.warn(f"spg_fast: the native CPU optimizer steps are unavailable ({error}); spg_fast.optim masks "
-                      ".grad and runs torch's fused step instead, the same update up to float rounding",
-                      RuntimeWarning, stacklevel=5)
+        warnings.warn(
+            f"spg_fast: the native CPU optimizer steps are unavailable ({error}); spg_fast.optim "
+            "masks .grad and runs torch's fused step instead, the same update up to float rounding",
+            RuntimeWarning,
+            stacklevel=5,
+        )
         return str(error)
     return None
 
 
 def _native_steps(tensors: Sequence[Tensor]) -> StepKernels | None:
-    """The native CPU steps when they can serve ``tensors`` and ``SPG_FAST_NATIVE`` allows them, else None."""
+    """The native CPU steps when they can serve ``tensors`` and ``SPG_FAST_NATIVE`` allows them,
+    else None."""
     setting = os.environ.get("SPG_FAST_NATIVE", "auto")
     if setting not in NATIVE_SETTINGS:
         raise ValueError(f"SPG_FAST_NATIVE={setting!r} is not one of {', '.join(NATIVE_SETTINGS)}")
@@ -117,7 +135,9 @@ TORCH_OPS = Ops(
 )
 
 
-def _triton_problem(named: Iterable[tuple[str, Tensor]], importance_dtype: torch.dtype | None) -> str | None:
+def _triton_problem(
+    named: Iterable[tuple[str, Tensor]], importance_dtype: torch.dtype | None
+) -> str | None:
     """Why the kernels cannot serve these parameters, or None when they can."""
     if not triton_available():
         return "Triton is not installed"
@@ -129,18 +149,23 @@ def _triton_problem(named: Iterable[tuple[str, Tensor]], importance_dtype: torch
         if p.dtype not in GRAD_DTYPES:
             return f"parameter {name!r} has dtype {p.dtype}; the kernels take {GRAD_DTYPES}"
         if p.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return f"parameter {name!r} is on the CPU, where Triton runs only with TRITON_INTERPRET=1"
+            return (
+                f"parameter {name!r} is on the CPU, where Triton runs only with TRITON_INTERPRET=1"
+            )
         if p.device.type not in ("cpu", "cuda"):
             return f"parameter {name!r} is on {p.device}; the kernels run on CUDA"
     return None
 
 
-def resolve_backend(backend: str, named_params: Sequence[tuple[str, Tensor]],
-                    importance_dtype: torch.dtype | None = None) -> Ops:
+def resolve_backend(
+    backend: str,
+    named_params: Sequence[tuple[str, Tensor]],
+    importance_dtype: torch.dtype | None = None,
+) -> Ops:
     """The ops for ``backend`` (one of ``BACKENDS``) serving ``named_params``.
 
-    An explicit ``"triton"`` that cannot serve them is an error naming the reason; ``"auto"`` then uses the
-    reference, which computes the same values.
+    An explicit ``"triton"`` that cannot serve them is an error naming the reason; ``"auto"`` then
+    uses the reference, which computes the same values.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")

@@ -1,11 +1,12 @@
 """SPG in ``torch.distributed.checkpoint`` (DCP), the way FSDP2 models are checkpointed.
 
-DCP loads in place: it asks each entry for its ``state_dict()``, reads the saved values into those tensors, then
-hands them to ``load_state_dict``. ``SPG.state_dict()`` cannot serve that directly: before the first task it has no
-importance tensors to read into, and after it they are SPG's live ``A``, which a checkpoint that then fails
-validation would already have overwritten. ``SPGState`` offers DCP a copy of ``A`` (zeros before the first task),
-laid out as the parameters (DTensor shards on an FSDP2 model, so DCP reshards across different world sizes), and
-installs what DCP read through ``SPG.load_state_dict``, which validates it on every rank before anything changes::
+DCP loads in place: it asks each entry for its ``state_dict()``, reads the saved values into those
+tensors, then hands them to ``load_state_dict``. ``SPG.state_dict()`` cannot serve that directly:
+before the first task it has no importance tensors to read into, and after it they are SPG's live
+``A``, which a checkpoint that then fails validation would already have overwritten. ``SPGState``
+offers DCP a copy of ``A`` (zeros before the first task), laid out as the parameters (DTensor shards
+on an FSDP2 model, so DCP reshards across different world sizes), and installs what DCP read through
+``SPG.load_state_dict``, which validates it on every rank before anything changes::
 
     state = {"model": get_model_state_dict(model), "spg": SPGState(spg)}
     dcp.save(state, checkpoint_id=path)
@@ -26,8 +27,8 @@ from spg_fast.spg import SPG
 
 
 class SPGState:
-    """A ``torch.distributed.checkpoint.stateful.Stateful`` for ``spg``; see the module docstring. Holds a copy of
-    ``A`` only while DCP works with its ``state_dict()``."""
+    """A ``torch.distributed.checkpoint.stateful.Stateful`` for ``spg``; see the module docstring.
+    Holds a copy of ``A`` only while DCP works with its ``state_dict()``."""
 
     def __init__(self, spg: SPG) -> None:
         if not isinstance(spg, SPG):
@@ -35,7 +36,8 @@ class SPGState:
         self.spg = spg
 
     def state_dict(self) -> dict[str, Any]:
-        """``SPG.state_dict()`` with a copy of every shared parameter's importance (zeros before the first task)."""
+        """``SPG.state_dict()`` with a copy of every shared parameter's importance (zeros before the
+        first task)."""
         state = self.spg.state_dict()
         importance: dict[str, Tensor] = {}
         for name, param in self.spg.shared_parameters.items():
@@ -43,11 +45,15 @@ class SPGState:
                 importance[name] = state["importance"][name].clone()
             else:
                 zeros = torch.zeros_like(sharded.local(param), dtype=compute_dtype(param.dtype))
-                importance[name] = sharded.like(zeros, param) if sharded.is_sharded(param) else zeros
+                importance[name] = (
+                    sharded.like(zeros, param) if sharded.is_sharded(param) else zeros
+                )
         return {**state, "importance": importance}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Install what DCP read (``SPG.load_state_dict``; the zeros of a checkpoint taken before the first task
-        are dropped)."""
+        """Install what DCP read (``SPG.load_state_dict``; the zeros of a checkpoint taken before
+        the first task are dropped)."""
         tasks = state_dict.get("tasks_finished")
-        self.spg.load_state_dict({**state_dict, "importance": state_dict.get("importance") if tasks else {}})
+        self.spg.load_state_dict(
+            {**state_dict, "importance": state_dict.get("importance") if tasks else {}}
+        )

@@ -1,6 +1,7 @@
-"""``spg-fast``: run SPG and baselines on task sequences from the command line. Every value is checked before any
-data is read or any training starts; a bad one is a one-line ``spg-fast: error: --option: why`` and exit code 2.
-Under torchrun (``torchrun --nproc-per-node N -m spg_fast.cli run ...``, or ``--nproc N``) the processes train
+"""``spg-fast``: run SPG and baselines on task sequences from the command line. Every value is
+checked before any data is read or any training starts; a bad one is a one-line
+``spg-fast: error: --option: why`` and exit code 2. Under torchrun
+(``torchrun --nproc-per-node N -m spg_fast.cli run ...``, or ``--nproc N``) the processes train
 together; rank 0 prints the results."""
 
 from __future__ import annotations
@@ -24,18 +25,29 @@ from spg_fast.harness.training import METHODS
 
 SEQUENCE_TEXT = {
     "digits": "scikit-learn's bundled 8x8 digits, 5 tasks of 2 classes (embedded, the default)",
-    "digits-permuted": "the same digits, 10 tasks of all 10 classes, one pixel permutation per task (embedded)",
+    "digits-permuted": (
+        "the same digits, 10 tasks of all 10 classes, one pixel permutation per task (embedded)"
+    ),
     "fashion-mnist": "Fashion-MNIST's IDX files in <data-dir>/fashion-mnist/, 5 tasks of 2 classes",
-    "cifar100-10": "CIFAR-100 (python release) in <data-dir>/cifar-100-python/, 10 tasks of 10 classes",
+    "cifar100-10": (
+        "CIFAR-100 (python release) in <data-dir>/cifar-100-python/, 10 tasks of 10 classes"
+    ),
     "cifar100-20": "the same, 20 tasks of 5 classes",
     "tinyimagenet-10": "TinyImageNet in <data-dir>/tiny-imagenet-200/, 10 tasks of 20 classes",
     "tinyimagenet-20": "the same, 20 tasks of 10 classes",
-    "femnist-10": "LEAF's FEMNIST json files in <data-dir>/femnist/{train,test}/, 10 groups of writers, 62 classes",
+    "femnist-10": (
+        "LEAF's FEMNIST json files in <data-dir>/femnist/{train,test}/, 10 groups of "
+        "writers, 62 classes"
+    ),
     "femnist-20": "the same, 20 groups of writers",
 }
-EPILOG = ("sequences:\n" + "\n".join(f"  {name:<16} {SEQUENCE_TEXT[name]}" for name in SEQUENCES) +
-          "\n\nWithout --data-dir files are read from ./data (Fashion-MNIST also from /usr/share/datasets/"
-          "fashion-mnist,\nDebian's dataset-fashion-mnist). Ctrl-C stops after saving; --resume continues.")
+EPILOG = (
+    "sequences:\n"
+    + "\n".join(f"  {name:<16} {SEQUENCE_TEXT[name]}" for name in SEQUENCES)
+    + "\n\nWithout --data-dir files are read from ./data (Fashion-MNIST also from "
+    "/usr/share/datasets/fashion-mnist,\nDebian's dataset-fashion-mnist). Ctrl-C stops after "
+    "saving; --resume continues."
+)
 MAX_SEED = 2**32 - 1
 
 
@@ -100,7 +112,9 @@ def _list(kind: str, item: Any) -> Any:
 
 def _method(text: str) -> str:
     if text not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown method {text!r}; choose from {', '.join(METHODS)}"
+        )
     return text
 
 
@@ -114,15 +128,21 @@ def _device(text: str) -> str:
     try:
         dev = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; use cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cpu":
         return text
     if dev.type != "cuda":
         raise argparse.ArgumentTypeError(f"{text!r}: the harness runs on cpu or cuda")
     if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available to this torch ({torch.__version__})")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: no CUDA device is available to this torch ({torch.__version__})"
+        )
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)"
+        )
     return text
 
 
@@ -137,11 +157,20 @@ def _folder(text: str) -> Path:
 
 def _setting_help(f: Any) -> str:
     quick = preset("quick", "digits")[f.name]
-    paper = "the authors' rate for the sequence (0 where they have none)" if f.name.startswith("dropout") else (
-        "on for image sequences" if f.name == "normalize" else preset("paper", "cifar100-10")[f.name])
+    paper = (
+        "the authors' rate for the sequence (0 where they have none)"
+        if f.name.startswith("dropout")
+        else (
+            "on for image sequences"
+            if f.name == "normalize"
+            else preset("paper", "cifar100-10")[f.name]
+        )
+    )
     if f.name in ("lr", "lr_min"):
-        quick = f"{quick} with sgd, {preset('quick', 'digits', 'sgd-momentum')[f.name]} with sgd-momentum, " \
-                f"{preset('quick', 'digits', 'adamw')[f.name]} with adamw"
+        quick = (
+            f"{quick} with sgd, {preset('quick', 'digits', 'sgd-momentum')[f.name]} with "
+            f"sgd-momentum, {preset('quick', 'digits', 'adamw')[f.name]} with adamw"
+        )
         paper = f"{paper} with sgd"
     if f.name == "normalize":
         quick = "off"
@@ -149,65 +178,142 @@ def _setting_help(f: Any) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sequence", default="digits", choices=list(SEQUENCES), metavar="NAME",
-                   help="the task sequence (default digits; the list is below)")
-    p.add_argument("--protocol", default="quick", choices=PROTOCOLS,
-                   help="preset for every training setting below: quick (seconds on a CPU, default) or paper (the "
-                   "authors' setting for the sequence); an option given explicitly overrides its preset value")
-    p.add_argument("--backbone", choices=BACKBONES,
-                   help="mlp, alexnet (the authors' conv net) or resnet18 (reduced, with BatchNorm); default: mlp "
-                   "for the digits, alexnet for image sequences")
+    p.add_argument(
+        "--sequence",
+        default="digits",
+        choices=list(SEQUENCES),
+        metavar="NAME",
+        help="the task sequence (default digits; the list is below)",
+    )
+    p.add_argument(
+        "--protocol",
+        default="quick",
+        choices=PROTOCOLS,
+        help="preset for every training setting below: quick (seconds on a CPU, default) or "
+        "paper (the authors' setting for the sequence); an option given explicitly overrides "
+        "its preset value",
+    )
+    p.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        help="mlp, alexnet (the authors' conv net) or resnet18 (reduced, with BatchNorm); default: "
+        "mlp for the digits, alexnet for image sequences",
+    )
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--data-dir", type=_folder, metavar="DIR",
-                   help="folder holding the sequence's files (default ./data; not used by the digits)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="SPG's implementation: auto (Triton kernels on CUDA, PyTorch otherwise), torch or triton")
-    p.add_argument("--tasks", type=_whole(1), metavar="N", help="learn only the sequence's first N tasks")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run(s) in --out after the last finished task (finished runs are kept)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
-    p.add_argument("--nproc", type=_whole(1), metavar="N",
-                   help="train with N processes on this machine, started through torchrun's launcher (each takes its "
-                   "share of every batch); without torchrun: under it, use its --nproc-per-node")
-    p.add_argument("--fsdp", action="store_true",
-                   help="with several processes: shard the network with FSDP2 (fully_shard) instead of replicating "
-                   "it with DDP (the default)")
+    p.add_argument(
+        "--data-dir",
+        type=_folder,
+        metavar="DIR",
+        help="folder holding the sequence's files (default ./data; not used by the digits)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="SPG's implementation: auto (Triton kernels on CUDA, PyTorch "
+        "otherwise), torch or triton",
+    )
+    p.add_argument(
+        "--tasks", type=_whole(1), metavar="N", help="learn only the sequence's first N tasks"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run(s) in --out after the last finished task (finished runs are kept)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run's files in --out"
+    )
+    p.add_argument(
+        "--nproc",
+        type=_whole(1),
+        metavar="N",
+        help="train with N processes on this machine, started through torchrun's launcher (each "
+        "takes its share of every batch); without torchrun: under it, use its --nproc-per-node",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with several processes: shard the network with FSDP2 (fully_shard) instead of "
+        "replicating it with DDP (the default)",
+    )
     for f in fields(TrainConfig):
         flag = f"--{f.name.replace('_', '-')}"
         if type(f.default) is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_setting_help(f))
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=_setting_help(f)
+            )
         elif f.metadata["choices"]:
             p.add_argument(flag, choices=f.metadata["choices"], default=None, help=_setting_help(f))
         else:
-            p.add_argument(flag, type=_setting_type(f), default=None, metavar=type(f.default).__name__.upper(),
-                           help=_setting_help(f))
+            p.add_argument(
+                flag,
+                type=_setting_type(f),
+                default=None,
+                metavar=type(f.default).__name__.upper(),
+                help=_setting_help(f),
+            )
 
 
 def parser() -> argparse.ArgumentParser:
-    top = _Parser(prog="spg-fast", description="SPG (parameter-level soft-masking) for continual learning: run "
-                  "methods on task sequences and report accuracy, forgetting and transfer. Without a command: run.",
-                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = _Parser(
+        prog="spg-fast",
+        description="SPG (parameter-level soft-masking) for continual learning: run methods on "
+        "task sequences and report accuracy, forgetting and transfer. Without a command: run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = top.add_subparsers(dest="command", metavar="{run,compare}")
-    run = sub.add_parser("run", help="one method on one sequence (default: spg on the digits)", epilog=EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Learn the sequence's tasks in order with one method; print and write the "
-                         "accuracy matrix and metrics.")
-    run.add_argument("--method", default="spg", choices=METHODS,
-                     help="spg (default), finetune (the same network without protection) or one (a network per "
-                     "task)")
-    run.add_argument("--seed", type=_seed, default=0,
-                     help="seed of the class order, splits, initial weights and batch order (default 0)")
-    run.add_argument("--out", type=Path, help="output folder (default runs/<sequence>-<method>-seed<N>-<date-time>)")
+    run = sub.add_parser(
+        "run",
+        help="one method on one sequence (default: spg on the digits)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Learn the sequence's tasks in order with one method; print and write the "
+        "accuracy matrix and metrics.",
+    )
+    run.add_argument(
+        "--method",
+        default="spg",
+        choices=METHODS,
+        help="spg (default), finetune (the same network without protection) or one (a network per "
+        "task)",
+    )
+    run.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of the class order, splits, initial weights and batch order (default 0)",
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default runs/<sequence>-<method>-seed<N>-<date-time>)",
+    )
     _add_common(run)
-    cmp = sub.add_parser("compare", help="several methods over several seeds, side by side", epilog=EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Run every method with every seed on one sequence; write each run and a "
-                         "mean ± standard deviation table.")
-    cmp.add_argument("--methods", type=_list("method", _method), default=METHODS,
-                     help=f"comma-separated (default {','.join(METHODS)})")
-    cmp.add_argument("--seeds", type=_list("seed", _seed), default=(0, 1, 2),
-                     help="comma-separated seeds (default 0,1,2)")
-    cmp.add_argument("--out", type=Path, help="output folder (default runs/compare-<sequence>-<date-time>)")
+    cmp = sub.add_parser(
+        "compare",
+        help="several methods over several seeds, side by side",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every method with every seed on one sequence; write each run and a "
+        "mean ± standard deviation table.",
+    )
+    cmp.add_argument(
+        "--methods",
+        type=_list("method", _method),
+        default=METHODS,
+        help=f"comma-separated (default {','.join(METHODS)})",
+    )
+    cmp.add_argument(
+        "--seeds",
+        type=_list("seed", _seed),
+        default=(0, 1, 2),
+        help="comma-separated seeds (default 0,1,2)",
+    )
+    cmp.add_argument(
+        "--out", type=Path, help="output folder (default runs/compare-<sequence>-<date-time>)"
+    )
     _add_common(cmp)
     return top
 
@@ -224,28 +330,42 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, An
         if not triton_available():
             p.error("--backend: triton is not installed")
         if not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-            p.error("--backend: triton needs --device cuda (on the CPU only under TRITON_INTERPRET=1)")
-    # torchrun's own parser takes --nproc for its --nproc-per-node, so under torchrun --nproc never gets here.
+            p.error(
+                "--backend: triton needs --device cuda (on the CPU only under TRITON_INTERPRET=1)"
+            )
+    # torchrun's own parser takes --nproc for its --nproc-per-node, so under torchrun --nproc never
+    # gets here.
     world = max(launched_world_size(), args.nproc or 1)
     if args.fsdp and world == 1:
-        p.error("--fsdp: shards the network over several processes: launch with torchrun --nproc-per-node N, or "
-                "pass --nproc N")
+        p.error(
+            "--fsdp: shards the network over several processes: launch with torchrun "
+            "--nproc-per-node N, or pass --nproc N"
+        )
     if world > 1 and args.device.startswith("cuda:"):
-        p.error(f"--device: with {world} processes each takes its own GPU (cuda:LOCAL_RANK); give cuda, not "
-                f"{args.device}")
-    explicit = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+        p.error(
+            f"--device: with {world} processes each takes its own GPU (cuda:LOCAL_RANK); give "
+            f"cuda, not {args.device}"
+        )
+    explicit = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if getattr(args, f.name) is not None
+    }
     try:
         cfg, _ = resolve(args.protocol, args.sequence, explicit)
     except ConfigError as e:
         p.error(f"--{e.name.replace('_', '-')}: {e.why}")
     if cfg.batch_size % world:
-        p.error(f"--batch-size: {cfg.batch_size} does not split evenly over {world} processes; give a multiple of "
-                f"{world}")
+        p.error(
+            f"--batch-size: {cfg.batch_size} does not split evenly over {world} processes; give "
+            f"a multiple of {world}"
+        )
     return explicit
 
 
 def _say(line: str) -> None:
-    """``line`` on stderr in one write, so that the lines of processes sharing it do not interleave."""
+    """``line`` on stderr in one write, so that the lines of processes sharing it do
+    not interleave."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
@@ -260,19 +380,25 @@ def _resume_command(argv: list[str], args: argparse.Namespace, implicit_run: boo
         words.append("--resume")
     launched = launched_world_size()
     if launched > 1 and args.nproc is None:
-        return shlex.join(["torchrun", "--nproc-per-node", str(launched), "-m", "spg_fast.cli", *words])
+        return shlex.join(
+            ["torchrun", "--nproc-per-node", str(launched), "-m", "spg_fast.cli", *words]
+        )
     return shlex.join(["spg-fast", *words])
 
 
 def _relaunch(argv: list[str], nproc: int) -> int:
-    """This command in ``nproc`` processes on this machine, started by torchrun (``--standalone``: a free port);
-    the exit code of the first process that failed (0 when none did, 130 on Ctrl-C)."""
+    """This command in ``nproc`` processes on this machine, started by torchrun (``--standalone``: a
+    free port); the exit code of the first process that failed (0 when none did, 130 on Ctrl-C)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    launch = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "spg_fast.cli"])
-    launch.training_script_args = argv  # set, not parsed: torchrun's parser would read this command's options
+    launch = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(nproc), "-m", "spg_fast.cli"]
+    )
+    launch.training_script_args = (
+        argv  # set, not parsed: torchrun's parser would read this command's options
+    )
     try:
         run(launch)
     except ChildFailedError as e:
@@ -293,31 +419,51 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch(argv, args.nproc)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.out is None:
-        args.out = Path("runs") / (f"{args.sequence}-{args.method}-seed{args.seed}-{stamp}" if args.command == "run"
-                                   else f"compare-{args.sequence}-{stamp}")
+        args.out = Path("runs") / (
+            f"{args.sequence}-{args.method}-seed{args.seed}-{stamp}"
+            if args.command == "run"
+            else f"compare-{args.sequence}-{stamp}"
+        )
     from spg_fast.harness import api, parallel, report
     from spg_fast.harness.formats import DataError
 
     # Rank 0 prints the results; every rank prints its error, as a rank may fail alone.
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    common = dict(backbone=args.backbone, data_dir=args.data_dir, protocol=args.protocol, config=explicit,
-                  backend=args.backend, out=args.out, resume=args.resume, overwrite=args.overwrite, tasks=args.tasks,
-                  wrapper="fsdp" if args.fsdp else None)
+    common = dict(
+        backbone=args.backbone,
+        data_dir=args.data_dir,
+        protocol=args.protocol,
+        config=explicit,
+        backend=args.backend,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        tasks=args.tasks,
+        wrapper="fsdp" if args.fsdp else None,
+    )
     try:
         with parallel.process_group(args.device) as device:
             if args.command == "run":
-                result = api.run(args.sequence, args.method, seed=args.seed, device=device, **common)
+                result = api.run(
+                    args.sequence, args.method, seed=args.seed, device=device, **common
+                )
                 tables = [report.matrix_table(result["acc_matrix"]), report.summary_table(result)]
             else:
-                result = api.compare(args.sequence, args.methods, args.seeds, device=device, **common)
+                result = api.compare(
+                    args.sequence, args.methods, args.seeds, device=device, **common
+                )
                 tables = [report.comparison_table(result["summary"])]
     except api.RunInterrupted as e:
         if main_rank:
-            _say(f"spg-fast: {e.message}; continue with: {_resume_command(argv, args, implicit_run)}")
+            _say(
+                f"spg-fast: {e.message}; continue with: {_resume_command(argv, args, implicit_run)}"
+            )
         return 130
     except KeyboardInterrupt:
         if main_rank:
-            _say(f"spg-fast: interrupted; continue with: {_resume_command(argv, args, implicit_run)}")
+            _say(
+                f"spg-fast: interrupted; continue with: {_resume_command(argv, args, implicit_run)}"
+            )
         return 130
     except DataError as e:
         _say(f"spg-fast: error: --data-dir: {e}")

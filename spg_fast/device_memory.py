@@ -10,8 +10,9 @@ import torch
 def free_bytes(device: torch.device) -> int | None:
     """Bytes that can still be allocated on ``device``; None where it cannot be told.
 
-    On a CUDA device, what the driver reports free plus what torch's caching allocator holds unused; on the CPU,
-    the kernel's estimate of available memory (``MemAvailable`` on Linux, available pages elsewhere on POSIX).
+    On a CUDA device, what the driver reports free plus what torch's caching allocator holds unused;
+    on the CPU, the kernel's estimate of available memory (``MemAvailable`` on Linux, available
+    pages elsewhere on POSIX).
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -1,11 +1,13 @@
-"""SPG across processes: the importance pass's per-head gradient sums combined over the ranks of a DDP model.
+"""SPG across processes: the importance pass's per-head gradient sums combined over the ranks of a
+DDP model.
 
-Each rank runs the pass on the inner module over its own batches (no DDP reducer, no collective during the pass),
-then, per head, one ``all_reduce`` of a flat buffer: every shared parameter's sum, a touched count per parameter,
-and per rank a non-finite flag and a failure flag. Every rank so gets the sums over all ranks' data (the spec's
-"Distributed data"; standardisation is scale-invariant, so the number of batches per rank does not matter) and the
-same verdict: a non-finite gradient, or a rank whose pass failed, raises on every rank before any importance changes.
-FSDP2 models (DTensor parameters) take the path of ``spg_fast.sharded`` instead.
+Each rank runs the pass on the inner module over its own batches (no DDP reducer, no collective
+during the pass), then, per head, one ``all_reduce`` of a flat buffer: every shared parameter's sum,
+a touched count per parameter, and per rank a non-finite flag and a failure flag. Every rank so gets
+the sums over all ranks' data (the spec's "Distributed data"; standardisation is scale-invariant, so
+the number of batches per rank does not matter) and the same verdict: a non-finite gradient, or a
+rank whose pass failed, raises on every rank before any importance changes. FSDP2 models (DTensor
+parameters) take the path of ``spg_fast.sharded`` instead.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from spg_fast.importance_pass import HeadSums
 
 
 def process_group(model: nn.Module) -> dist.ProcessGroup | None:
-    """The process group whose ranks share ``model``'s importance: a DistributedDataParallel model's group when it
-    has more than one rank; None (a single process) otherwise."""
+    """The process group whose ranks share ``model``'s importance: a DistributedDataParallel model's
+    group when it has more than one rank; None (a single process) otherwise."""
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         return None
     group = model.process_group
@@ -33,16 +35,19 @@ def process_group(model: nn.Module) -> dist.ProcessGroup | None:
 
 @contextmanager
 def wrapper_forward_refused(model: nn.Module, label: str = "") -> Iterator[None]:
-    """While active, calling a DistributedDataParallel ``model`` raises: its forward prepares the reducer for a
-    backward that the importance pass never runs, and may broadcast buffers (a collective that ranks with different
-    numbers of batches would not match), so the pass must call the inner module."""
+    """While active, calling a DistributedDataParallel ``model`` raises: its forward prepares the
+    reducer for a backward that the importance pass never runs, and may broadcast buffers (a
+    collective that ranks with different numbers of batches would not match), so the pass must call
+    the inner module."""
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         yield
         return
 
     def refuse(_module: nn.Module, _args: Any) -> None:
-        raise RuntimeError(f"{label}the importance pass called the DistributedDataParallel wrapper; pass a forward "
-                           "that calls the inner module (ddp.module), or none for the default")
+        raise RuntimeError(
+            f"{label}the importance pass called the DistributedDataParallel wrapper; pass "
+            "a forward that calls the inner module (ddp.module), or none for the default"
+        )
 
     handle = model.register_forward_pre_hook(refuse)
     try:
@@ -51,12 +56,18 @@ def wrapper_forward_refused(model: nn.Module, label: str = "") -> Iterator[None]
         handle.remove()
 
 
-def summed_across_processes(heads: Iterator[HeadSums], model: nn.Module, params: Sequence[Tensor],
-                            names: Sequence[str], label: str = "",
-                            head_label: Callable[[int], str] = "head {}".format) -> Iterator[HeadSums]:
-    """``heads`` with each head's sums replaced by their sum over the ranks of ``model``'s process group (``heads``
-    itself for a single process). A local failure while computing a head is announced to the other ranks (one
-    collective) before it propagates, so that they raise too instead of waiting."""
+def summed_across_processes(
+    heads: Iterator[HeadSums],
+    model: nn.Module,
+    params: Sequence[Tensor],
+    names: Sequence[str],
+    label: str = "",
+    head_label: Callable[[int], str] = "head {}".format,
+) -> Iterator[HeadSums]:
+    """``heads`` with each head's sums replaced by their sum over the ranks of ``model``'s process
+    group (``heads`` itself for a single process). A local failure while computing a head is
+    announced to the other ranks (one collective) before it propagates, so that they raise too
+    instead of waiting."""
     group = process_group(model)
     if group is None:
         yield from heads
@@ -74,11 +85,18 @@ def summed_across_processes(heads: Iterator[HeadSums], model: nn.Module, params:
 
 
 class _Combiner:
-    """The per-head all-reduce of one flat buffer: ``[sums..., touched per parameter, non-finite per rank,
-    failed per rank]``, in the parameters' promoted dtype (at least float32; counts are exact below 2**24)."""
+    """The per-head all-reduce of one flat buffer:
+    ``[sums..., touched per parameter, non-finite per rank, failed per rank]``, in the parameters'
+    promoted dtype (at least float32; counts are exact below 2**24)."""
 
-    def __init__(self, group: dist.ProcessGroup, params: Sequence[Tensor], names: Sequence[str], label: str,
-                 head_label: Callable[[int], str]) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        params: Sequence[Tensor],
+        names: Sequence[str],
+        label: str,
+        head_label: Callable[[int], str],
+    ) -> None:
         self._group = group
         self._rank = dist.get_rank(group)
         self._world = dist.get_world_size(group)
@@ -95,13 +113,17 @@ class _Combiner:
         self._device = self._params[0].device
 
     def _buffer(self) -> Tensor:
-        return torch.zeros(self._total + len(self._params) + 2 * self._world, dtype=self._dtype, device=self._device)
+        return torch.zeros(
+            self._total + len(self._params) + 2 * self._world,
+            dtype=self._dtype,
+            device=self._device,
+        )
 
     def _reduce(self, flat: Tensor) -> tuple[Tensor, list[int], list[int]]:
         dist.all_reduce(flat, group=self._group)
-        tail = flat[self._total + len(self._params):].cpu()
-        nonfinite = tail[:self._world].nonzero().flatten().tolist()
-        failed = tail[self._world:].nonzero().flatten().tolist()
+        tail = flat[self._total + len(self._params) :].cpu()
+        nonfinite = tail[: self._world].nonzero().flatten().tolist()
+        failed = tail[self._world :].nonzero().flatten().tolist()
         return flat, nonfinite, failed
 
     def announce_failure(self) -> None:
@@ -111,29 +133,39 @@ class _Combiner:
 
     def combine(self, done: HeadSums) -> HeadSums:
         flat = self._buffer()
-        sums = flat[:self._total].split(self._sizes)
-        touched = flat[self._total:self._total + len(self._params)]
+        sums = flat[: self._total].split(self._sizes)
+        touched = flat[self._total : self._total + len(self._params)]
         present = [i for i, s in enumerate(done.sums) if s is not None]
         if present:
-            torch._foreach_copy_([sums[i] for i in present], [done.sums[i].reshape(-1) for i in present])
+            torch._foreach_copy_(
+                [sums[i] for i in present], [done.sums[i].reshape(-1) for i in present]
+            )
             touched[present] = 1
         if done.first_nonfinite_batch is not None:
             flat[self._total + len(self._params) + self._rank] = 1
         flat, nonfinite, failed = self._reduce(flat)
         head = self._head_label(done.head)
         if failed:
-            raise RuntimeError(f"{self._label}the importance pass failed on rank(s) {failed} while computing "
-                               f"{head} (see that rank's error); the accumulated importance is unchanged on "
-                               "every rank")
+            raise RuntimeError(
+                f"{self._label}the importance pass failed on rank(s) {failed} while computing "
+                f"{head} (see that rank's error); the accumulated importance is unchanged on "
+                "every rank"
+            )
         if nonfinite:
             bad = [self._names[i] for i, s in enumerate(sums) if not bool(torch.isfinite(s).all())]
-            here = ("" if done.first_nonfinite_batch is None else
-                    f"; on this rank first at batch {done.first_nonfinite_batch} (counting from 0)")
+            here = (
+                ""
+                if done.first_nonfinite_batch is None
+                else f"; on this rank first at batch {done.first_nonfinite_batch} (counting from 0)"
+            )
             raise FloatingPointError(
-                f"{self._label}non-finite gradient (NaN or Inf) for {head} on rank(s) {nonfinite} in parameter(s) "
-                f"{', '.join(bad) or '(cancelled out in the sum)'}{here}, although every loss was finite; the "
-                "accumulated importance is unchanged on every rank")
+                f"{self._label}non-finite gradient (NaN or Inf) for {head} on rank(s) {nonfinite} "
+                f"in parameter(s) {', '.join(bad) or '(cancelled out in the sum)'}{here}, although "
+                "every loss was finite; the accumulated importance is unchanged on every rank"
+            )
         got = touched.cpu().tolist()
-        combined = [s.view(p.shape).to(p.dtype) if n > 0 else None
-                    for s, p, n in zip(sums, self._params, got, strict=True)]
+        combined = [
+            s.view(p.shape).to(p.dtype) if n > 0 else None
+            for s, p, n in zip(sums, self._params, got, strict=True)
+        ]
         return replace(done, sums=combined)

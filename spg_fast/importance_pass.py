@@ -1,30 +1,31 @@
-"""SPG's end-of-task pass: for each head, the gradient of its loss with respect to the shared parameters, summed over
-every batch of the task's data.
+"""SPG's end-of-task pass: for each head, the gradient of its loss with respect to the shared
+parameters, summed over every batch of the task's data.
 
 Two schedules compute the same sums:
-- **per-head passes** (the authors' procedure): one pass over the data per head, a fresh forward for every head and
-  batch;
-- **shared forward**: the heads in groups, one pass over the data per group; in each batch the shared part of the
-  model runs once (``spg_fast.shared_forward.TrunkMemo``) and each head's gradient is taken from that one graph.
-  A group holds as many heads as their gradient buffers fit in ``memory_budget`` bytes (default: a quarter of the
-  memory free on the parameters' device when the pass starts; one head per group where that cannot be told).
+- **per-head passes** (the authors' procedure): one pass over the data per head, a fresh forward for
+  every head and batch;
+- **shared forward**: the heads in groups, one pass over the data per group; in each batch the
+  shared part of the model runs once (``spg_fast.shared_forward.TrunkMemo``) and each head's
+  gradient is taken from that one graph. A group holds as many heads as their gradient buffers fit
+  in ``memory_budget`` bytes (default: a quarter of the memory free on the parameters' device when
+  the pass starts; one head per group where that cannot be told).
 
-By default (``shared_forward=None``) the shared forward is used unless the model draws random numbers in its
-forward (dropout in train mode; ``spg_fast.randomness``): there the authors draw fresh masks for every head, so the
-per-head passes are kept. ``shared_forward=True`` forces the shared forward (all heads of a batch then see the same
-random draws), ``False`` the per-head passes.
+By default (``shared_forward=None``) the shared forward is used unless the model draws random
+numbers in its forward (dropout in train mode; ``spg_fast.randomness``): there the authors draw
+fresh masks for every head, so the per-head passes are kept. ``shared_forward=True`` forces the
+shared forward (all heads of a batch then see the same random draws), ``False`` the per-head passes.
 
-Gradients are taken with ``torch.autograd.grad`` into the pass's own buffers, one per head and shared parameter:
-``.grad`` is never read or written, so post-accumulate-grad hooks and DDP's reducer are not involved. From a
-head's second batch on, a tensor hook (``_AddingHooks``) adds each gradient into its buffer as backward produces
-it.
-``ImportancePass.run`` yields each head's sums once they are complete and before anything turns them into
-importance: the one place where a distributed run would combine them across processes.
+Gradients are taken with ``torch.autograd.grad`` into the pass's own buffers, one per head and
+shared parameter: ``.grad`` is never read or written, so post-accumulate-grad hooks and DDP's
+reducer are not involved. From a head's second batch on, a tensor hook (``_AddingHooks``) adds each
+gradient into its buffer as backward produces it. ``ImportancePass.run`` yields each head's sums
+once they are complete and before anything turns them into importance: the one place where a
+distributed run would combine them across processes.
 
-Per pass over the data, the losses of every batch and then the sums are checked for NaN and Inf (one host
-synchronisation each); gradients are not checked batch by batch. When a head's sums are not finite although every
-loss was, the pass is repeated with the random generators as they were, checking every batch's gradient, and
-``HeadSums.nonfinite`` tells the batch (a ``Trace``).
+Per pass over the data, the losses of every batch and then the sums are checked for NaN and Inf (one
+host synchronisation each); gradients are not checked batch by batch. When a head's sums are not
+finite although every loss was, the pass is repeated with the random generators as they were,
+checking every batch's gradient, and ``HeadSums.nonfinite`` tells the batch (a ``Trace``).
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ import torch
 from torch import Tensor, nn
 
 from spg_fast.device_memory import free_bytes
-from spg_fast.randomness import generator_states, random_modules, restore_generator_states, watch_draws
+from spg_fast.randomness import (
+    generator_states,
+    random_modules,
+    restore_generator_states,
+    watch_draws,
+)
 from spg_fast.shared_forward import TrunkMemo
 
-# The default memory budget for the head buffers, as a fraction of the free memory when the pass starts: the rest
-# is left to the batch's activations (held across the group's heads) and to whatever else the process allocates.
+# The default memory budget for the head buffers, as a fraction of the free memory when the pass
+# starts: the rest is left to the batch's activations (held across the group's heads) and to
+# whatever else the process allocates.
 DEFAULT_BUDGET_FRACTION = 0.25
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -52,10 +59,11 @@ LossFn = Callable[[Any, Any], Tensor]
 
 @dataclass(frozen=True)
 class HeadSums:
-    """The complete gradient sums of one head: per shared parameter (in the pass's order), or None where no batch
-    gave that parameter a gradient; ``batches`` is the number of batches summed; ``nonfinite`` is None when every
-    sum is finite, else where the NaN or Inf came from. The sums are the pass's own tensors; let go of them before
-    asking for the next group's heads, so that the memory held stays within the budget."""
+    """The complete gradient sums of one head: per shared parameter (in the pass's order), or None
+    where no batch gave that parameter a gradient; ``batches`` is the number of batches summed;
+    ``nonfinite`` is None when every sum is finite, else where the NaN or Inf came from. The sums
+    are the pass's own tensors; let go of them before asking for the next group's heads, so that the
+    memory held stays within the budget."""
 
     head: int
     sums: list[Tensor | None]
@@ -64,17 +72,17 @@ class HeadSums:
 
     @property
     def first_nonfinite_batch(self) -> int | None:
-        """The first batch whose gradient held a NaN or Inf; None when none did (the sums may still be non-finite
-        when they overflowed, or when the batch could not be traced)."""
+        """The first batch whose gradient held a NaN or Inf; None when none did (the sums may still
+        be non-finite when they overflowed, or when the batch could not be traced)."""
         return None if self.nonfinite is None else self.nonfinite.batch
 
 
 @dataclass(frozen=True)
 class Trace:
-    """Where a head's non-finite gradient sum came from, found by repeating its pass with the random generators as
-    they were and checking every batch. ``reproduced``: the repeat gave the same losses and again a non-finite sum;
-    then ``batch`` is the first batch whose gradient held a NaN or Inf, or None when every batch's gradient was
-    finite (the sum over the batches overflowed)."""
+    """Where a head's non-finite gradient sum came from, found by repeating its pass with the random
+    generators as they were and checking every batch. ``reproduced``: the repeat gave the same
+    losses and again a non-finite sum; then ``batch`` is the first batch whose gradient held a NaN
+    or Inf, or None when every batch's gradient was finite (the sum over the batches overflowed)."""
 
     batch: int | None
     reproduced: bool
@@ -82,8 +90,9 @@ class Trace:
 
 @dataclass(frozen=True)
 class _Group:
-    """One pass over the data as it ran: its heads, whether it shared the forward, the random generators' states
-    before it and its losses (heads x batches), so that it can be repeated and the repeat compared."""
+    """One pass over the data as it ran: its heads, whether it shared the forward, the random
+    generators' states before it and its losses (heads x batches), so that it can be repeated and
+    the repeat compared."""
 
     heads: list[int]
     share: bool
@@ -101,8 +110,9 @@ class _PassResult(NamedTuple):
 
 @dataclass
 class PassReport:
-    """What the pass did, for tests and benchmarks: whether it shared the forward, why, and how many heads went
-    into a group; ``memo_hits`` counts the shared modules' calls answered from the memo."""
+    """What the pass did, for tests and benchmarks: whether it shared the forward, why, and how
+    many heads went into a group; ``memo_hits`` counts the shared modules' calls answered from
+    the memo."""
 
     shared_forward: bool = False
     reason: str = ""
@@ -114,22 +124,41 @@ class PassReport:
 class ImportancePass:
     """The pass over ``loader`` for ``heads`` of ``model``; see the module docstring.
 
-    ``params`` are the shared parameters whose gradients are summed; ``head_params`` tell the shared forward which
-    modules are heads. ``forward(x, head)`` gives a head's output and ``loss_for(head)`` the loss function applied
-    to ``(output, y)``; ``prepare_batch`` turns a loader item into ``(x, y)``. ``label`` starts error messages,
-    ``head_label(head)`` names a head in them.
+    ``params`` are the shared parameters whose gradients are summed; ``head_params`` tell the shared
+    forward which modules are heads. ``forward(x, head)`` gives a head's output and
+    ``loss_for(head)`` the loss function applied to ``(output, y)``; ``prepare_batch`` turns a
+    loader item into ``(x, y)``. ``label`` starts error messages, ``head_label(head)`` names a head
+    in them.
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor], head_params: Iterable[Tensor],
-                 heads: Sequence[int], loader: Iterable[Any], forward: Callable[[Any, int], Any],
-                 loss_for: Callable[[int], LossFn], prepare_batch: Callable[[Any], tuple[Any, Any]], *,
-                 shared_forward: bool | None = None, memory_budget: int | None = None, label: str = "",
-                 head_label: Callable[[int], str] = "head {}".format) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        head_params: Iterable[Tensor],
+        heads: Sequence[int],
+        loader: Iterable[Any],
+        forward: Callable[[Any, int], Any],
+        loss_for: Callable[[int], LossFn],
+        prepare_batch: Callable[[Any], tuple[Any, Any]],
+        *,
+        shared_forward: bool | None = None,
+        memory_budget: int | None = None,
+        label: str = "",
+        head_label: Callable[[int], str] = "head {}".format,
+    ) -> None:
         if shared_forward not in (None, True, False):
-            raise TypeError(f"shared_forward must be None (auto), True or False, got {shared_forward!r}")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                          or memory_budget < 0):
-            raise ValueError(f"memory_budget must be None or a number of bytes >= 0, got {memory_budget!r}")
+            raise TypeError(
+                f"shared_forward must be None (auto), True or False, got {shared_forward!r}"
+            )
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, int)
+            or memory_budget < 0
+        ):
+            raise ValueError(
+                f"memory_budget must be None or a number of bytes >= 0, got {memory_budget!r}"
+            )
         if not heads:
             raise ValueError("the importance pass needs at least one head")
         self._model = model
@@ -159,8 +188,8 @@ class ImportancePass:
         return max(1, min(len(self._heads), budget // max(1, self._bytes_per_head())))
 
     def _decide(self) -> bool | None:
-        """True or False when the schedule is settled before the pass; None: share unless the first forward
-        draws random numbers."""
+        """True or False when the schedule is settled before the pass; None: share unless the first
+        forward draws random numbers."""
         report = self.report
         if len(self._heads) == 1:
             report.reason = "one head"
@@ -170,13 +199,17 @@ class ImportancePass:
             return self._shared_forward
         found = random_modules(self._model)
         if found:
-            report.reason = f"random modules in train mode ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+            report.reason = (
+                "random modules in train mode "
+                f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+            )
             return False
         return None
 
     # ---------------------------------------------------------------- the pass
     def run(self) -> Iterator[HeadSums]:
-        """Yield each head's complete sums, heads in order; raise on an empty loader or a non-finite loss."""
+        """Yield each head's complete sums, heads in order; raise on an empty loader or a
+        non-finite loss."""
         report = self.report
         share = self._decide()
         size = 1 if share is False else self._group_size()
@@ -185,7 +218,7 @@ class ImportancePass:
         report.group_size = size
         start = 0
         while start < len(self._heads):
-            group = self._heads[start:start + size]
+            group = self._heads[start : start + size]
             probing = share is None
             generators = generator_states(self._device)
             shared = share is not False and len(group) > 1
@@ -193,21 +226,27 @@ class ImportancePass:
             report.passes += 1
             if probing:
                 share = not result.drew
-                report.reason = ("the first forward drew random numbers" if result.drew else
-                                 "no random draws in the first forward")
+                report.reason = (
+                    "the first forward drew random numbers"
+                    if result.drew
+                    else "no random draws in the first forward"
+                )
                 if result.drew:
                     size = report.group_size = 1
             report.shared_forward = bool(share)
-            traces = self._traces(_Group(result.heads, shared and not result.drew, generators, result.losses),
-                                  result.sums)
+            traces = self._traces(
+                _Group(result.heads, shared and not result.drew, generators, result.losses),
+                result.sums,
+            )
             for j, head in enumerate(result.heads):
                 yield HeadSums(head, result.sums[j], result.losses.shape[1], traces[j])
             start += len(result.heads)
             del result  # the group's sums, before the next group allocates its own
 
     def _traces(self, group: _Group, sums: list[list[Tensor | None]]) -> list[Trace | None]:
-        """Per head of ``group``, None when its sums are finite (one host synchronisation for the group); for the
-        others, the pass repeated with the random generators as they were, checking every batch."""
+        """Per head of ``group``, None when its sums are finite (one host synchronisation for the
+        group); for the others, the pass repeated with the random generators as they were, checking
+        every batch."""
         finite = self._finite(sums)
         if all(finite):
             return [None] * len(group.heads)
@@ -234,13 +273,16 @@ class ImportancePass:
 
     def _finite(self, sums: list[list[Tensor | None]]) -> list[bool]:
         """Per head, whether every sum is finite; one host synchronisation."""
-        return torch.stack([_all_finite([t for t in row if t is not None], self._device) for row in sums]).tolist()
+        return torch.stack(
+            [_all_finite([t for t in row if t is not None], self._device) for row in sums]
+        ).tolist()
 
     @torch.enable_grad()
     def _pass(self, group: list[int], share: bool, probe: bool, trace: bool = False) -> _PassResult:
-        """One pass over the data for ``group``: the heads completed (only the first when the probe saw random
-        draws), their sums, the losses, whether the probe saw draws and, when tracing, per head the first batch
-        whose gradient was not finite. Raises on a non-finite loss unless tracing."""
+        """One pass over the data for ``group``: the heads completed (only the first when the
+        probe saw random draws), their sums, the losses, whether the probe saw draws and, when
+        tracing, per head the first batch whose gradient was not finite. Raises on a non-finite
+        loss unless tracing."""
         sums: list[list[Tensor | None]] = [[None] * len(self._params) for _ in group]
         losses: list[list[Tensor]] = [[] for _ in group]
         finite: list[list[Tensor]] = [[] for _ in group]
@@ -248,7 +290,8 @@ class ImportancePass:
         batches = 0
         with ExitStack() as stack:
             memo = stack.enter_context(TrunkMemo(self._model, self._head_params)) if share else None
-            # Tracing needs every batch's gradients back from autograd.grad; otherwise hooks add them as produced.
+            # Tracing needs every batch's gradients back from autograd.grad; otherwise hooks add
+            # them as produced.
             adding = None if trace else stack.enter_context(_AddingHooks(self._params))
             for batch in self._loader:
                 x, y = self._prepare(batch)
@@ -258,7 +301,8 @@ class ImportancePass:
                         with watch_draws(self._device) as watch:
                             out = self._forward(x, head)
                         if watch.drew:
-                            # Fall back to per-head passes; this head's first forward is the one it would have had.
+                            # Fall back to per-head passes; this head's first forward is the one it
+                            # would have had.
                             drew, last, group = True, True, group[:1]
                             stack.close()
                             memo = None
@@ -267,7 +311,9 @@ class ImportancePass:
                     loss = self._loss(head, batches, out, y)
                     if adding is not None:
                         adding.sums = sums[j]
-                    grads = torch.autograd.grad(loss, self._params, retain_graph=not last, allow_unused=True)
+                    grads = torch.autograd.grad(
+                        loss, self._params, retain_graph=not last, allow_unused=True
+                    )
                     if adding is not None:
                         grads = adding.not_added(grads)
                     present = _accumulate(sums[j], grads)
@@ -282,44 +328,59 @@ class ImportancePass:
             if memo is not None and not trace:
                 self.report.memo_hits += memo.hits
         if batches == 0:
-            raise ValueError(f"{self._label}the loader yielded no batches: the importance pass needs the task's "
-                             "training data (a re-iterable loader such as a DataLoader or a list, not a spent "
-                             "iterator)")
+            raise ValueError(
+                f"{self._label}the loader yielded no batches: the importance pass needs the task's "
+                "training data (a re-iterable loader such as a DataLoader or a list, not a spent "
+                "iterator)"
+            )
         group_losses = torch.stack([torch.stack(row) for row in losses[: len(group)]])
         if not trace:
             self._check_losses(group, group_losses)
-        first_bad = [next((b for b, ok in enumerate(row) if not bool(ok)), None) for row in finite[: len(group)]]
+        first_bad = [
+            next((b for b, ok in enumerate(row) if not bool(ok)), None)
+            for row in finite[: len(group)]
+        ]
         return _PassResult(group, sums[: len(group)], group_losses, drew, first_bad)
 
     def _loss(self, head: int, batch: int, out: Any, y: Any) -> Tensor:
-        return checked_loss(self._loss_for(head)(out, y), self._head_label(head), batch, self._label)
+        return checked_loss(
+            self._loss_for(head)(out, y), self._head_label(head), batch, self._label
+        )
 
     def _check_losses(self, group: list[int], losses: Tensor) -> None:
         """Raise on the first batch whose loss is NaN or Inf, naming it and the heads concerned."""
         bad = ~torch.isfinite(losses)
         if bool(bad.any()):
             batch = int(bad.any(0).nonzero()[0])
-            heads = ", ".join(self._head_label(group[j]) for j in bad[:, batch].nonzero().flatten().tolist())
-            raise FloatingPointError(f"{self._label}the loss is non-finite (NaN or Inf) at batch {batch} (counting "
-                                     f"from 0) for {heads}; check that batch's data and the loss function")
+            heads = ", ".join(
+                self._head_label(group[j]) for j in bad[:, batch].nonzero().flatten().tolist()
+            )
+            raise FloatingPointError(
+                f"{self._label}the loss is non-finite (NaN or Inf) at batch {batch} (counting "
+                f"from 0) for {heads}; check that batch's data and the loss function"
+            )
 
 
 def checked_loss(loss: Any, head: str, batch: int, label: str = "") -> Tensor:
-    """``loss`` (of ``head`` at ``batch``) if it is a scalar tensor that depends on a trainable parameter; else a
-    ``ValueError`` saying which it is not."""
+    """``loss`` (of ``head`` at ``batch``) if it is a scalar tensor that depends on a trainable
+    parameter; else a ``ValueError`` saying which it is not."""
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"{label}the importance-pass loss for {head} must be a scalar tensor, got {got} "
-                         f"(batch {batch})")
+        raise ValueError(
+            f"{label}the importance-pass loss for {head} must be a scalar tensor, got {got} "
+            f"(batch {batch})"
+        )
     if not loss.requires_grad:
-        raise ValueError(f"{label}the loss for {head} at batch {batch} does not depend on any trainable parameter "
-                         "(was the output computed under torch.no_grad() or detached?)")
+        raise ValueError(
+            f"{label}the loss for {head} at batch {batch} does not depend on any trainable "
+            "parameter (was the output computed under torch.no_grad() or detached?)"
+        )
     return loss
 
 
 def _all_finite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """A device bool: whether every value of ``tensors`` is finite, from their extremes (exact, unlike a norm,
-    which can overflow for finite values)."""
+    """A device bool: whether every value of ``tensors`` is finite, from their extremes (exact,
+    unlike a norm, which can overflow for finite values)."""
     extremes = [torch.stack(torch.aminmax(t)) for t in tensors if t.numel()]
     if not extremes:
         return torch.ones((), dtype=torch.bool, device=device)
@@ -327,21 +388,25 @@ def _all_finite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
 
 
 class _AddingHooks:
-    """Tensor hooks on the shared parameters that add each gradient into its head's sum (``sums``, set before each
-    ``torch.autograd.grad``) the moment backward produces it, once that sum exists, and hand autograd a zero
-    (an expanded scalar, no memory) in its place. The gradient's memory is then freed while backward runs, as
-    ``AccumulateGrad`` frees it for ``.grad``, instead of a whole gradient set being held until autograd.grad
-    returns and added afterwards: one gradient set less at the peak, and on the CPU a measured 12% off the
-    AlexNet pass (fresh allocations every batch page-faulted 70k times per pass, against 14k). The additions are the
-    same, in the same order, as adding the returned gradients. Sparse gradients and first gradients (which
-    ``_accumulate`` may keep as the sum) pass through to ``torch.autograd.grad``'s result."""
+    """Tensor hooks on the shared parameters that add each gradient into its head's sum (``sums``,
+    set before each ``torch.autograd.grad``) the moment backward produces it, once that sum exists,
+    and hand autograd a zero (an expanded scalar, no memory) in its place. The gradient's memory is
+    then freed while backward runs, as ``AccumulateGrad`` frees it for ``.grad``, instead of a whole
+    gradient set being held until autograd.grad returns and added afterwards: one gradient set less
+    at the peak, and on the CPU a measured 12% off the AlexNet pass (fresh allocations every batch
+    page-faulted 70k times per pass, against 14k). The additions are the same, in the same order, as
+    adding the returned gradients. Sparse gradients and first gradients (which ``_accumulate`` may
+    keep as the sum) pass through to ``torch.autograd.grad``'s result."""
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.sums: list[Tensor | None] = [None] * len(params)
         self._added = [False] * len(params)
         self._zeros = [torch.zeros((), dtype=p.dtype, device=p.device) for p in params]
-        self._handles = [p.register_hook(functools.partial(self._hook, i))
-                         for i, p in enumerate(params) if p.requires_grad]
+        self._handles = [
+            p.register_hook(functools.partial(self._hook, i))
+            for i, p in enumerate(params)
+            if p.requires_grad
+        ]
 
     def __enter__(self) -> _AddingHooks:
         return self
@@ -359,17 +424,20 @@ class _AddingHooks:
         return self._zeros[i].expand(grad.shape)
 
     def not_added(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        """``grads`` (what autograd.grad returned) with None for those the hooks already added; resets the record."""
+        """``grads`` (what autograd.grad returned) with None for those the hooks already added;
+        resets the record."""
         out = [None if added else g for g, added in zip(grads, self._added, strict=True)]
         self._added = [False] * len(self._added)
         return out
 
 
 def _accumulate(sums: list[Tensor | None], grads: Sequence[Tensor | None]) -> list[Tensor]:
-    """Add one batch's gradients into a head's sums; returns the gradients present (sparse ones as their values).
+    """Add one batch's gradients into a head's sums; returns the gradients present (sparse ones as
+    their values).
 
-    A parameter's first gradient becomes its sum when nothing else holds its memory (``_owned``, and not returned
-    for another parameter too), as ``AccumulateGrad`` keeps the first ``.grad``; otherwise it is copied."""
+    A parameter's first gradient becomes its sum when nothing else holds its memory (``_owned``, and
+    not returned for another parameter too), as ``AccumulateGrad`` keeps the first ``.grad``;
+    otherwise it is copied."""
     strided = [g for g in grads if g is not None and g.layout == torch.strided]
     pointers = Counter(g.data_ptr() for g in strided)
     add_to, add_from, present = [], [], []
@@ -394,10 +462,10 @@ def _accumulate(sums: list[Tensor | None], grads: Sequence[Tensor | None]) -> li
 
 
 def _owned(g: Tensor) -> bool:
-    """Whether ``g`` (a gradient autograd just returned) is contiguous, fills its memory and is referenced by
-    nothing but its Python object: then adding into it changes no other tensor. A view (autograd returns the
-    gradient of a weight as one) qualifies when its base is referenced only by the view (and the ``_base``
-    lookup itself)."""
+    """Whether ``g`` (a gradient autograd just returned) is contiguous, fills its memory and is
+    referenced by nothing but its Python object: then adding into it changes no other tensor. A view
+    (autograd returns the gradient of a weight as one) qualifies when its base is referenced only by
+    the view (and the ``_base`` lookup itself)."""
     if not g.is_contiguous() or g.untyped_storage().nbytes() != g.numel() * g.element_size():
         return False
     if g._use_count() != 1:

@@ -1,5 +1,5 @@
-"""Drop-in SPG masking for any ``torch.optim.Optimizer``: a wrapping optimizer, or a step pre-hook; and the registry
-that lets each optimizer be masked by at most one SPG object, once."""
+"""Drop-in SPG masking for any ``torch.optim.Optimizer``: a wrapping optimizer, or a step pre-hook;
+and the registry that lets each optimizer be masked by at most one SPG object, once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from torch.optim import Optimizer
 
 Closure = Callable[[], Any]
-# What SPGOptimizer masks: the gradient before the step (the paper's method) or the update the step made.
+# What SPGOptimizer masks: the gradient before the step (the paper's method) or the update the
+# step made.
 MASK_MODES = ("gradient", "update")
 
 
@@ -21,7 +22,9 @@ class Masker(Protocol):
 
     def mask_gradients(self, params: Iterable[torch.Tensor] | None = None) -> None: ...
 
-    def mask_updates(self, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> None: ...
+    def mask_updates(
+        self, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]
+    ) -> None: ...
 
     def check_parameters(self, params: Iterable[torch.Tensor], where: str) -> None: ...
 
@@ -31,13 +34,18 @@ _MASKED: weakref.WeakKeyDictionary[Optimizer, str] = weakref.WeakKeyDictionary()
 
 
 def register(spg: Masker, optimizer: Optimizer, how: str) -> None:
-    """Record that ``optimizer`` masks its gradients through ``spg`` (``how``: wrap, attach, a fused optimizer);
-    an optimizer already masked, by this SPG object or any other, is refused: it would scale gradients twice."""
+    """Record that ``optimizer`` masks its gradients through ``spg`` (``how``: wrap, attach, a fused
+    optimizer); an optimizer already masked, by this SPG object or any other, is refused: it would
+    scale gradients twice."""
     if optimizer in _MASKED:
-        raise RuntimeError(f"this {type(optimizer).__name__} already masks its gradients through an SPG object "
-                           f"({_MASKED[optimizer]}); masking twice would scale gradients twice")
-    spg.check_parameters((p for g in optimizer.param_groups for p in g["params"]),
-                         f"SPG.{how}({type(optimizer).__name__})")
+        raise RuntimeError(
+            f"this {type(optimizer).__name__} already masks its gradients through an SPG object "
+            f"({_MASKED[optimizer]}); masking twice would scale gradients twice"
+        )
+    spg.check_parameters(
+        (p for g in optimizer.param_groups for p in g["params"]),
+        f"SPG.{how}({type(optimizer).__name__})",
+    )
     _MASKED[optimizer] = how
 
 
@@ -50,7 +58,8 @@ def _params(optimizer: Optimizer) -> chain[torch.Tensor]:
 
 
 def _masked(spg: Masker, optimizer: Optimizer, closure: Closure | None) -> Closure | None:
-    """Mask ``optimizer``'s gradients now, or, given a closure (which recomputes them), after each call of it."""
+    """Mask ``optimizer``'s gradients now, or, given a closure (which recomputes them), after each
+    call of it."""
     if closure is None:
         spg.mask_gradients(_params(optimizer))
         return None
@@ -66,24 +75,27 @@ def _masked(spg: Masker, optimizer: Optimizer, closure: Closure | None) -> Closu
 class SPGOptimizer(Optimizer):
     """An optimizer that soft-masks gradients with SPG, then steps the optimizer it wraps.
 
-    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR schedulers,
-    ``GradScaler``, ``state_dict``/``load_state_dict`` (interchangeable with the wrapped optimizer's),
-    ``zero_grad`` and ``add_param_group`` act on it. Step hooks registered here run around the masked step.
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR
+    schedulers, ``GradScaler``, ``state_dict``/``load_state_dict`` (interchangeable with the wrapped
+    optimizer's), ``zero_grad`` and ``add_param_group`` act on it. Step hooks registered here run
+    around the masked step.
     """
 
     def __init__(self, optimizer: Optimizer, spg: Masker, *, mask: str = "gradient") -> None:
         if mask not in MASK_MODES:
             raise ValueError(f"mask={mask!r} is not one of {', '.join(MASK_MODES)}")
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"SPG.wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"SPG.wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if isinstance(optimizer, SPGOptimizer):
             raise TypeError("SPG.wrap: this optimizer is already an SPGOptimizer")
         register(spg, optimizer, "wrap")
         self._optimizer = optimizer
         self._spg = spg
         self._mask = mask
-        # Optimizer.__setstate__ creates the hook registries and patches step; unlike __init__ it does not
-        # assign param_groups or state, which here belong to the wrapped optimizer.
+        # Optimizer.__setstate__ creates the hook registries and patches step; unlike __init__ it
+        # does not assign param_groups or state, which here belong to the wrapped optimizer.
         super().__setstate__({})
 
     @property
@@ -92,8 +104,9 @@ class SPGOptimizer(Optimizer):
         return self._optimizer
 
     def __getattr__(self, name: str) -> Any:
-        # Reached only for names this class lacks: what the wrapped optimizer adds to torch's interface
-        # (ZeroRedundancyOptimizer.consolidate_state_dict, a scheduler-free optimizer's train()/eval(), ...).
+        # Reached only for names this class lacks: what the wrapped optimizer adds to torch's
+        # interface (ZeroRedundancyOptimizer.consolidate_state_dict, a scheduler-free optimizer's
+        # train()/eval(), ...).
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._optimizer, name)
@@ -134,10 +147,15 @@ class SPGOptimizer(Optimizer):
 
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         if self._mask == "update":
-            params = [p for p in _params(self._optimizer) if p.grad is not None] if closure is None else \
-                list(_params(self._optimizer))
+            params = (
+                [p for p in _params(self._optimizer) if p.grad is not None]
+                if closure is None
+                else list(_params(self._optimizer))
+            )
             with torch.no_grad():
-                before = torch._foreach_mul(params, 1.0)  # a copy of every parameter in one multi-tensor launch
+                before = torch._foreach_mul(
+                    params, 1.0
+                )  # a copy of every parameter in one multi-tensor launch
             loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
             self._spg.mask_updates(params, before)
             return loss
@@ -148,7 +166,8 @@ class SPGOptimizer(Optimizer):
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the wrapped optimizer (e.g. a new task's head); its parameters must be known to SPG."""
+        """Add a group to the wrapped optimizer (e.g. a new task's head); its parameters must be
+        known to SPG."""
         params = param_group.get("params", [])
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         self._spg.check_parameters(params, "SPGOptimizer.add_param_group")
@@ -174,7 +193,8 @@ class SPGOptimizer(Optimizer):
 
 
 class AttachHandle:
-    """Returned by ``SPG.attach``: ``remove()`` stops the masking (also usable as a context manager)."""
+    """Returned by ``SPG.attach``: ``remove()`` stops the masking (also usable as a
+    context manager)."""
 
     def __init__(self, spg: Masker, optimizer: Optimizer) -> None:
         self._spg = spg
@@ -182,7 +202,8 @@ class AttachHandle:
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
 
     def _pre_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # The hook sees step's own arguments, ``self`` first; a closure may come positionally or by keyword.
+        # The hook sees step's own arguments, ``self`` first; a closure may come positionally or
+        # by keyword.
         if "closure" in kwargs:
             return args, {**kwargs, "closure": _masked(self._spg, optimizer, kwargs["closure"])}
         if len(args) > 1:
@@ -202,7 +223,8 @@ class AttachHandle:
 
 
 def attach(spg: Masker, optimizer: Optimizer) -> AttachHandle:
-    """Make ``optimizer.step()`` soft-mask its gradients first, leaving the optimizer object as it is."""
+    """Make ``optimizer.step()`` soft-mask its gradients first, leaving the optimizer object as
+    it is."""
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"SPG.attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, SPGOptimizer):

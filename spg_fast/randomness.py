@@ -1,9 +1,10 @@
 """Whether a model draws random numbers in its forward pass (dropout and the like in train mode).
 
-Two signals, either one suffices: a module of a known random kind in train mode with a non-zero rate, and, for
-anything else (``F.dropout`` inside a custom forward, attention dropout, noise layers), a change of torch's default
-random generators (the CPU's and the device's) while the forward runs. Randomness drawn from a private
-``torch.Generator`` is seen by neither; pass ``shared_forward=False`` to ``SPG.end_task`` for such a model.
+Two signals, either one suffices: a module of a known random kind in train mode with a non-zero
+rate, and, for anything else (``F.dropout`` inside a custom forward, attention dropout, noise
+layers), a change of torch's default random generators (the CPU's and the device's) while the
+forward runs. Randomness drawn from a private ``torch.Generator`` is seen by neither; pass
+``shared_forward=False`` to ``SPG.end_task`` for such a model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 
 
 def random_modules(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` in train mode that draw random numbers (dropout with p > 0, RReLU)."""
+    """Names of the modules of ``model`` in train mode that draw random numbers (dropout with
+    p > 0, RReLU)."""
     found = []
     for name, m in model.named_modules():
         if not m.training:
@@ -28,7 +30,8 @@ def random_modules(model: nn.Module) -> list[str]:
 
 
 def _accelerator(device: torch.device) -> Any:
-    """The ``torch.cuda``-like module of ``device`` when it has its own random generator state, else None."""
+    """The ``torch.cuda``-like module of ``device`` when it has its own random generator state,
+    else None."""
     module = getattr(torch, device.type, None) if device.type != "cpu" else None
     return module if hasattr(module, "get_rng_state") and hasattr(module, "set_rng_state") else None
 

@@ -1,7 +1,8 @@
 """Pure-PyTorch reference implementation of SPG's tensor operations (see ``docs/semantics.md``).
 
-These functions are the CPU backend and the oracle every Triton kernel is tested against. They run on any device
-and any floating dtype, and compute in float32 or wider (the promotion of the input dtype with float32).
+These functions are the CPU backend and the oracle every Triton kernel is tested against. They run
+on any device and any floating dtype, and compute in float32 or wider (the promotion of the input
+dtype with float32).
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ __all__ = [
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype SPG computes and stores importance in for a tensor of ``dtype``: float32 or wider."""
+    """The dtype SPG computes and stores importance in for a tensor of ``dtype``: float32
+    or wider."""
     return torch.promote_types(dtype, torch.float32)
 
 
-# Working-buffer length of the chunked float64 statistics. On the CPU 2**17 elements (1 MiB of float64, inside one
-# core's 2 MiB L2): 2**16-2**18 measured alike, 2**14-2**15 up to 2x slower (chunks below torch's grain for
-# splitting an op across threads). Elsewhere (a GPU; not measured) 2**22 (32 MiB): no cache holds a useful chunk
-# there, so the chunk only bounds the temporary memory, and larger chunks mean fewer launches (240 for 1e9 elements).
+# Working-buffer length of the chunked float64 statistics. On the CPU 2**17 elements (1 MiB of
+# float64, inside one core's 2 MiB L2): 2**16-2**18 measured alike, 2**14-2**15 up to 2x slower
+# (chunks below torch's grain for splitting an op across threads). Elsewhere (a GPU; not measured)
+# 2**22 (32 MiB): no cache holds a useful chunk there, so the chunk only bounds the temporary
+# memory, and larger chunks mean fewer launches (240 for 1e9 elements).
 _CPU_CHUNK = 1 << 17
 _DEVICE_CHUNK = 1 << 22
 
@@ -51,14 +54,15 @@ def _spans(n: int, device: torch.device) -> list[tuple[int, int]]:
 
 
 def _buffer(n: int, device: torch.device) -> Tensor:
-    """The float64 working buffer for a tensor of ``n`` elements: one chunk, never a full-size copy."""
+    """The float64 working buffer for a tensor of ``n`` elements: one chunk, never a
+    full-size copy."""
     return torch.empty(min(n, _chunk(device)), dtype=torch.float64, device=device)
 
 
 def float64_sum(x: Tensor) -> Tensor:
-    """The sum of ``x`` in float64 over chunks, with no full-size float64 copy (``x.sum(dtype=torch.float64)``
-    converts the whole tensor first on the CPU: 20 ms against 2.2 ms for 4.7M float32 elements on this machine, one
-    thread)."""
+    """The sum of ``x`` in float64 over chunks, with no full-size float64 copy
+    (``x.sum(dtype=torch.float64)`` converts the whole tensor first on the CPU: 20 ms against 2.2 ms
+    for 4.7M float32 elements on this machine, one thread)."""
     flat = x.reshape(-1)
     buf = _buffer(flat.numel(), x.device)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -68,10 +72,12 @@ def float64_sum(x: Tensor) -> Tensor:
 
 
 class _Standardizer(NamedTuple):
-    """``z = ((x - pivot) - mean) * inv_std`` in float64, and whether every ``x`` is finite (a 0-dim bool).
+    """``z = ((x - pivot) - mean) * inv_std`` in float64, and whether every ``x`` is finite (a
+    0-dim bool).
 
-    Where the spec makes the importance 0 (fewer than two elements, a constant tensor, a std of 0 or not finite)
-    pivot, mean and inv_std are all 0, so ``z`` is 0 for every finite ``x``. All four are device tensors."""
+    Where the spec makes the importance 0 (fewer than two elements, a constant tensor, a std of 0 or
+    not finite) pivot, mean and inv_std are all 0, so ``z`` is 0 for every finite ``x``. All four
+    are device tensors."""
 
     pivot: Tensor
     mean: Tensor
@@ -80,14 +86,15 @@ class _Standardizer(NamedTuple):
 
 
 def _shifted_moments(x: Tensor, buf: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(pivot, sum, M2, finite)`` of the flat, non-empty tensor ``x`` in float64, one pass over chunks of ``buf``'s
-    length: the sum and centred sum of squares M2 of ``x - pivot``, where the pivot is the first element.
+    """``(pivot, sum, M2, finite)`` of the flat, non-empty tensor ``x`` in float64, one pass over
+    chunks of ``buf``'s length: the sum and centred sum of squares M2 of ``x - pivot``, where the
+    pivot is the first element.
 
-    Shifting by the pivot before anything is summed makes a constant tensor exact zeros, so its M2 is exactly 0,
-    and a mean that dwarfs the spread costs no precision. Each chunk gives its sum and its own centred M2 (a second
-    sweep while the chunk is in cache); the chunks are merged with Chan's formula. A float32 (or narrower) value
-    shifted and summed in float64 cannot overflow, so the sum is non-finite exactly when some value is; float64
-    input is checked element by element.
+    Shifting by the pivot before anything is summed makes a constant tensor exact zeros, so its M2
+    is exactly 0, and a mean that dwarfs the spread costs no precision. Each chunk gives its sum and
+    its own centred M2 (a second sweep while the chunk is in cache); the chunks are merged with
+    Chan's formula. A float32 (or narrower) value shifted and summed in float64 cannot overflow, so
+    the sum is non-finite exactly when some value is; float64 input is checked element by element.
     """
     n = x.numel()
     pivot = x[0].to(torch.float64)
@@ -112,9 +119,11 @@ def _shifted_moments(x: Tensor, buf: Tensor) -> tuple[Tensor, Tensor, Tensor, Te
     return pivot, total, m2, finite
 
 
-def _validated(pivot: Tensor, mean: Tensor, m2: Tensor, dof: float | Tensor, finite: Tensor) -> _Standardizer:
-    """The standardiser for these statistics (``dof``: the element count less one, at least 1), zeroed where the
-    spec makes the importance 0."""
+def _validated(
+    pivot: Tensor, mean: Tensor, m2: Tensor, dof: float | Tensor, finite: Tensor
+) -> _Standardizer:
+    """The standardiser for these statistics (``dof``: the element count less one, at least 1),
+    zeroed where the spec makes the importance 0."""
     inv_std = (m2 / dof).rsqrt()
     valid = (m2 > 0) & torch.isfinite(m2) & torch.isfinite(mean) & torch.isfinite(inv_std)
     zero = torch.zeros((), dtype=torch.float64, device=m2.device)
@@ -128,11 +137,12 @@ def _standardizer(x: Tensor, buf: Tensor) -> _Standardizer:
 
 
 def moments(h: Tensor) -> Tensor:
-    """``[count, pivot, mean - pivot, M2, finite]`` of all elements of ``h`` in float64 (M2: the centred sum of
-    squares; the pivot: the first element), computed as ``importance`` computes its statistics. These are what
-    ``merge_moments`` merges, so that a tensor split into pieces (shards on several processes) gets the statistics
-    of the whole, and what ``standardizer`` turns into the standardisation. The mean stays split into a pivot and a
-    small offset, so that a mean which dwarfs the spread costs no precision. Empty ``h``: zeros, finite."""
+    """``[count, pivot, mean - pivot, M2, finite]`` of all elements of ``h`` in float64 (M2: the
+    centred sum of squares; the pivot: the first element), computed as ``importance`` computes its
+    statistics. These are what ``merge_moments`` merges, so that a tensor split into pieces (shards
+    on several processes) gets the statistics of the whole, and what ``standardizer`` turns into the
+    standardisation. The mean stays split into a pivot and a small offset, so that a mean which
+    dwarfs the spread costs no precision. Empty ``h``: zeros, finite."""
     if h.numel() == 0:
         return torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=h.device)
     flat = h.reshape(-1)
@@ -142,12 +152,14 @@ def moments(h: Tensor) -> Tensor:
 
 
 def merge_moments(parts: Tensor) -> Tensor:
-    """The ``moments`` of the concatenation of pieces, from theirs: ``parts[i, ..., :]`` are piece ``i``'s.
+    """The ``moments`` of the concatenation of pieces, from theirs: ``parts[i, ..., :]`` are
+    piece ``i``'s.
 
-    Chan's pairwise formula, applied to the pieces in order, so that every process merging the same pieces gets
-    bit-identical numbers. The result keeps the first non-empty piece's pivot; the difference of two pieces' means
-    is taken as the difference of their pivots plus that of their offsets, so pieces with equal values (a constant
-    tensor) merge to M2 = 0 exactly. Empty pieces are skipped; the result is finite only when every piece is."""
+    Chan's pairwise formula, applied to the pieces in order, so that every process merging the same
+    pieces gets bit-identical numbers. The result keeps the first non-empty piece's pivot; the
+    difference of two pieces' means is taken as the difference of their pivots plus that of their
+    offsets, so pieces with equal values (a constant tensor) merge to M2 = 0 exactly. Empty pieces
+    are skipped; the result is finite only when every piece is."""
     merged = parts[0].clone()
     for part in parts[1:]:
         n_a, n_b = merged[..., 0], part[..., 0]
@@ -168,9 +180,11 @@ def standardizer(stats: Tensor) -> _Standardizer:
     return _validated(stats[1], stats[2], stats[3], (stats[0] - 1).clamp(min=1), stats[4] > 0)
 
 
-def _standardized_chunks(x: Tensor, st: _Standardizer, buf: Tensor) -> Iterator[tuple[int, int, Tensor]]:
-    """``(lo, hi, |tanh(z)|)`` for each chunk of the flat tensor ``x``, in float64 in ``buf`` (overwritten by the
-    next chunk)."""
+def _standardized_chunks(
+    x: Tensor, st: _Standardizer, buf: Tensor
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(lo, hi, |tanh(z)|)`` for each chunk of the flat tensor ``x``, in float64 in ``buf``
+    (overwritten by the next chunk)."""
     for lo, hi in _spans(x.numel(), x.device):
         b = buf[: hi - lo]
         b.copy_(x[lo:hi]).sub_(st.pivot).sub_(st.mean).mul_(st.inv_std).abs_().tanh_()
@@ -178,13 +192,15 @@ def _standardized_chunks(x: Tensor, st: _Standardizer, buf: Tensor) -> Iterator[
 
 
 def importance(h: Tensor, name: str = "gradient") -> Tensor:
-    """SPG importance of one accumulated gradient ``h``: ``|tanh(standardize(h))|`` in ``compute_dtype``.
+    """SPG importance of one accumulated gradient ``h``: ``|tanh(standardize(h))|``
+    in ``compute_dtype``.
 
-    Standardisation is over all elements with the unbiased std. An all-zero, constant or one-element ``h`` gives
-    zeros. A non-finite value in ``h`` raises ``FloatingPointError`` naming ``name``. Statistics and
-    standardisation run in float64 whatever the input, over chunks of at most ``_CPU_CHUNK`` (CPU) or
-    ``_DEVICE_CHUNK`` elements, so the only error beyond float64 rounding is the final rounding (at most 2**-25
-    absolute in float32), even for tensors whose mean dwarfs their spread.
+    Standardisation is over all elements with the unbiased std. An all-zero, constant or one-element
+    ``h`` gives zeros. A non-finite value in ``h`` raises ``FloatingPointError`` naming ``name``.
+    Statistics and standardisation run in float64 whatever the input, over chunks of at most
+    ``_CPU_CHUNK`` (CPU) or ``_DEVICE_CHUNK`` elements, so the only error beyond float64 rounding is
+    the final rounding (at most 2**-25 absolute in float32), even for tensors whose mean dwarfs
+    their spread.
     """
     if not h.is_floating_point():
         raise TypeError(f"{name}: importance needs a floating-point tensor, got dtype {h.dtype}")
@@ -203,28 +219,32 @@ def importance(h: Tensor, name: str = "gradient") -> Tensor:
 
 def _check_lists(what: str, first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
     if len(first) != len(second):
-        raise ValueError(f"{what}: got {len(first)} and {len(second)} tensors; the lists must pair up")
+        raise ValueError(
+            f"{what}: got {len(first)} and {len(second)} tensors; the lists must pair up"
+        )
     for i, (a, b) in enumerate(zip(first, second, strict=True)):
         if a.shape != b.shape:
             raise ValueError(f"{what}: tensor {i} has shapes {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def _importance_max_one(acc: Tensor, h: Tensor, st: _Standardizer | None = None) -> Tensor:
-    """``acc <- max(acc, importance(h))`` unless ``h`` holds a non-finite value; returns that flag (0-dim bool).
-    ``st``: the standardiser to use (default: ``h``'s own statistics)."""
+    """``acc <- max(acc, importance(h))`` unless ``h`` holds a non-finite value; returns that
+    flag (0-dim bool). ``st``: the standardiser to use (default: ``h``'s own statistics)."""
     if h.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=h.device) if st is None else ~st.finite
     flat = h.reshape(-1)
     buf = _buffer(flat.numel(), h.device)
     if st is None:
         st = _standardizer(flat, buf)
-    # On the CPU reading the flag costs nothing; elsewhere ``where`` keeps the update free of host synchronisation.
+    # On the CPU reading the flag costs nothing; elsewhere ``where`` keeps the update free of
+    # host synchronisation.
     on_cpu = h.device.type == "cpu"
     if on_cpu and not bool(st.finite):
         return ~st.finite
     work = acc.view(-1) if acc.is_contiguous() else acc.reshape(-1)
-    # The importance is rounded once to compute_dtype(h.dtype), as the kernels do, before the max (for a float32
-    # A that also keeps the max in float32, where a float64 operand would make torch form a float64 temporary).
+    # The importance is rounded once to compute_dtype(h.dtype), as the kernels do, before the max
+    # (for a float32 A that also keeps the max in float32, where a float64 operand would make torch
+    # form a float64 temporary).
     out_dtype = compute_dtype(h.dtype)
     rounded = torch.empty_like(buf, dtype=out_dtype) if out_dtype != torch.float64 else None
     for lo, hi, z in _standardized_chunks(flat, st, buf):
@@ -240,10 +260,11 @@ def _importance_max_one(acc: Tensor, h: Tensor, st: _Standardizer | None = None)
 
 
 def importance_max_(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    """``A <- max(A, importance(h))`` for each pair; returns a bool tensor flagging the non-finite ``h``.
+    """``A <- max(A, importance(h))`` for each pair; returns a bool tensor flagging the
+    non-finite ``h``.
 
-    An accumulator whose gradient holds a non-finite value is left untouched, and its flag is set, so the caller
-    can report it without a host synchronisation per tensor.
+    An accumulator whose gradient holds a non-finite value is left untouched, and its flag is set,
+    so the caller can report it without a host synchronisation per tensor.
     """
     _check_lists("importance_max_", accumulators, grads)
     flags = [_importance_max_one(acc, h) for acc, h in zip(accumulators, grads, strict=True)]
@@ -252,31 +273,44 @@ def importance_max_(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> 
     return torch.stack(flags)
 
 
-def importance_max_with_(accumulators: Sequence[Tensor], grads: Sequence[Tensor], stats: Tensor) -> Tensor:
-    """``importance_max_`` for pieces of larger tensors: ``A <- max(A, |tanh((h - mean) / std)|)`` with the
-    statistics of each whole tensor given (``stats[i]``: its merged ``moments``), not those of the piece ``h``. A
-    whole tensor that is not finite leaves its piece's accumulator untouched and sets its flag."""
+def importance_max_with_(
+    accumulators: Sequence[Tensor], grads: Sequence[Tensor], stats: Tensor
+) -> Tensor:
+    """``importance_max_`` for pieces of larger tensors: ``A <- max(A, |tanh((h - mean) / std)|)``
+    with the statistics of each whole tensor given (``stats[i]``: its merged ``moments``), not those
+    of the piece ``h``. A whole tensor that is not finite leaves its piece's accumulator untouched
+    and sets its flag."""
     _check_lists("importance_max_with_", accumulators, grads)
     if len(stats) != len(grads):
-        raise ValueError(f"importance_max_with_: got {len(grads)} tensors but {len(stats)} rows of statistics")
-    flags = [_importance_max_one(acc, h, standardizer(row))
-             for acc, h, row in zip(accumulators, grads, stats, strict=True)]
+        raise ValueError(
+            f"importance_max_with_: got {len(grads)} tensors but {len(stats)} rows of statistics"
+        )
+    flags = [
+        _importance_max_one(acc, h, standardizer(row))
+        for acc, h, row in zip(accumulators, grads, stats, strict=True)
+    ]
     return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
 def keep_factors(importances: Sequence[Tensor]) -> list[Tensor]:
-    """``1 - A`` in ``compute_dtype`` for each accumulated importance: what each shared gradient is multiplied by."""
+    """``1 - A`` in ``compute_dtype`` for each accumulated importance: what each shared gradient is
+    multiplied by."""
     return [torch.rsub(a.to(compute_dtype(a.dtype)), 1) for a in importances]
 
 
-def head_scale(importances: Sequence[Tensor], *, numel: int | None = None,
-               reduce: Callable[[Tensor], None] | None = None) -> Tensor:
-    """``1 - mean(A)`` over all elements of all importances taken together, as a 0-dim tensor in the widest
-    ``compute_dtype`` of the importances (float32; float64 for a float64 model, as the authors' code keeps it).
+def head_scale(
+    importances: Sequence[Tensor],
+    *,
+    numel: int | None = None,
+    reduce: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """``1 - mean(A)`` over all elements of all importances taken together, as a 0-dim tensor in the
+    widest ``compute_dtype`` of the importances (float32; float64 for a float64 model, as the
+    authors' code keeps it).
 
-    The sum is taken in float64 so that the mean of a billion-element model is exact to float32 precision. For
-    shards of larger tensors, ``numel`` is the element count of the whole tensors and ``reduce`` sums the float64
-    total across the shards' holders in place (an all-reduce)."""
+    The sum is taken in float64 so that the mean of a billion-element model is exact to float32
+    precision. For shards of larger tensors, ``numel`` is the element count of the whole tensors and
+    ``reduce`` sums the float64 total across the shards' holders in place (an all-reduce)."""
     if not importances:
         raise ValueError("head_scale needs at least one importance tensor")
     total_numel = sum(a.numel() for a in importances) if numel is None else numel
@@ -289,18 +323,21 @@ def head_scale(importances: Sequence[Tensor], *, numel: int | None = None,
     return (1 - total / total_numel).to(dtype)
 
 
-def soft_mask_(grads: Sequence[Tensor], keeps: Sequence[Tensor], head_grads: Sequence[Tensor],
-               scale: Tensor) -> None:
-    """In place: ``g <- g * keep`` for each shared gradient, ``g <- g * scale`` for each head gradient.
+def soft_mask_(
+    grads: Sequence[Tensor], keeps: Sequence[Tensor], head_grads: Sequence[Tensor], scale: Tensor
+) -> None:
+    """In place: ``g <- g * keep`` for each shared gradient, ``g <- g * scale`` for each
+    head gradient.
 
-    ``keeps`` are the ``keep_factors`` of the shared parameters and ``scale`` is ``head_scale``, a device tensor:
-    nothing here synchronises with the host. Products are formed in float32 (or wider) and rounded once to the
-    gradient's dtype.
+    ``keeps`` are the ``keep_factors`` of the shared parameters and ``scale`` is ``head_scale``, a
+    device tensor: nothing here synchronises with the host. Products are formed in float32 (or
+    wider) and rounded once to the gradient's dtype.
     """
     _check_lists("soft_mask_", grads, keeps)
     if grads:
         torch._foreach_mul_(list(grads), list(keeps))
     if head_grads:
-        # A 0-dim tensor does not take part in type promotion, so multiplying a bfloat16 gradient by it would first
-        # round the scale to bfloat16; an expanded view promotes like any tensor and keeps the product in float32.
+        # A 0-dim tensor does not take part in type promotion, so multiplying a bfloat16 gradient by
+        # it would first round the scale to bfloat16; an expanded view promotes like any tensor and
+        # keeps the product in float32.
         torch._foreach_mul_(list(head_grads), [scale.expand(h.shape) for h in head_grads])

@@ -1,21 +1,23 @@
-"""SPG on FSDP2 models (``torch.distributed.fsdp.fully_shard``): parameters that are DTensors, each process holding
-one row-shard (``Shard(0)`` on a one-dimensional device mesh).
+"""SPG on FSDP2 models (``torch.distributed.fsdp.fully_shard``): parameters that are DTensors, each
+process holding one row-shard (``Shard(0)`` on a one-dimensional device mesh).
 
-The importance pass runs the model as FSDP2 trains it: per head, forward and backward over the rank's batches
-through the sharded model, so FSDP2 gathers the parameters and reduce-scatters each batch's gradient into the
-parameters' sharded ``.grad`` (put back as they were afterwards). Every rank then holds its shard of the gradient
-summed over all ranks' data. The standardisation needs statistics of the whole tensor: each rank computes the
-float64 moments of its shards (count, mean as a pivot and an offset, centred sum of squares M2, finite), one
-``all_gather`` per head brings every rank's, and Chan's formula merges them in rank order, so every rank gets
-bit-identical statistics, from which it forms the importance of its own shard. ``A`` and the mask factors are
-shards too: masking stays local (no collective per step); the head scale takes one all-reduce of the float64 sum
+The importance pass runs the model as FSDP2 trains it: per head, forward and backward over the
+rank's batches through the sharded model, so FSDP2 gathers the parameters and reduce-scatters each
+batch's gradient into the parameters' sharded ``.grad`` (put back as they were afterwards). Every
+rank then holds its shard of the gradient summed over all ranks' data. The standardisation needs
+statistics of the whole tensor: each rank computes the float64 moments of its shards (count, mean as
+a pivot and an offset, centred sum of squares M2, finite), one ``all_gather`` per head brings every
+rank's, and Chan's formula merges them in rank order, so every rank gets bit-identical statistics,
+from which it forms the importance of its own shard. ``A`` and the mask factors are shards too:
+masking stays local (no collective per step); the head scale takes one all-reduce of the float64 sum
 of ``A`` whenever ``A`` changes.
 
-Ranks may hold different numbers of batches: before each batch the ranks agree (one small all-reduce) whether any
-rank still has one; a rank out of data runs its last batch with a zero loss weight, so FSDP2's collectives still
-match and it adds nothing. A rank whose loader is empty, whose batch cannot be prepared, or whose loss is not a
-finite scalar makes every rank raise before the next collective of the model. An exception inside the model's own
-forward on one rank only cannot be announced: FSDP2's gathers on the other ranks wait for it (as in training).
+Ranks may hold different numbers of batches: before each batch the ranks agree (one small
+all-reduce) whether any rank still has one; a rank out of data runs its last batch with a zero loss
+weight, so FSDP2's collectives still match and it adds nothing. A rank whose loader is empty, whose
+batch cannot be prepared, or whose loss is not a finite scalar makes every rank raise before the
+next collective of the model. An exception inside the model's own forward on one rank only cannot be
+announced: FSDP2's gathers on the other ranks wait for it (as in training).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ _END = object()
 
 
 def _dtensor_type() -> type | None:
-    # Looked up, not imported: importing torch.distributed.tensor costs time, and no parameter can be a DTensor
-    # unless it was imported.
+    # Looked up, not imported: importing torch.distributed.tensor costs time, and no parameter can
+    # be a DTensor unless it was imported.
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
 
@@ -49,14 +51,16 @@ def is_sharded(t: Tensor) -> bool:
 
 
 def local(t: Tensor) -> Tensor:
-    """This process's shard of ``t`` (the tensor itself when it is not a DTensor); shares ``t``'s memory."""
+    """This process's shard of ``t`` (the tensor itself when it is not a DTensor); shares
+    ``t``'s memory."""
     return t.to_local() if is_sharded(t) else t
 
 
 def check_layout(named: Iterable[tuple[str, Tensor]]) -> bool:
-    """True when every parameter is an FSDP2 shard (a DTensor placed ``Shard(0)`` on one one-dimensional mesh),
-    False when none is a DTensor; otherwise ``TypeError`` naming the first parameter that breaks the pattern (a mix
-    of DTensors and plain tensors, HSDP's two-dimensional mesh, tensor parallelism's other placements)."""
+    """True when every parameter is an FSDP2 shard (a DTensor placed ``Shard(0)`` on one
+    one-dimensional mesh), False when none is a DTensor; otherwise ``TypeError`` naming the first
+    parameter that breaks the pattern (a mix of DTensors and plain tensors, HSDP's two-dimensional
+    mesh, tensor parallelism's other placements)."""
     from_dtensor = None
     mesh = None
     for name, p in named:
@@ -64,21 +68,27 @@ def check_layout(named: Iterable[tuple[str, Tensor]]) -> bool:
         if from_dtensor is None:
             from_dtensor = sharded
         if sharded != from_dtensor:
-            raise TypeError(f"SPG: parameter {name!r} is {'a DTensor' if sharded else 'a plain tensor'} while the "
-                            "parameters before it are not: shard every parameter with fully_shard or none")
+            raise TypeError(
+                f"SPG: parameter {name!r} is {'a DTensor' if sharded else 'a plain tensor'} while "
+                "the parameters before it are not: shard every parameter with fully_shard or none"
+            )
         if not sharded:
             continue
         from torch.distributed.tensor import Shard
 
         if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-            raise TypeError(f"SPG: parameter {name!r} is a DTensor placed {tuple(p.placements)} on a "
-                            f"{p.device_mesh.ndim}-dimensional mesh; SPG supports FSDP2's (Shard(0),) on a "
-                            "one-dimensional mesh (not HSDP, tensor or pipeline parallelism)")
+            raise TypeError(
+                f"SPG: parameter {name!r} is a DTensor placed {tuple(p.placements)} on a "
+                f"{p.device_mesh.ndim}-dimensional mesh; SPG supports FSDP2's (Shard(0),) on a "
+                "one-dimensional mesh (not HSDP, tensor or pipeline parallelism)"
+            )
         if mesh is None:
             mesh = p.device_mesh
         elif p.device_mesh != mesh:
-            raise TypeError(f"SPG: parameter {name!r} lives on another device mesh than the parameters before it; "
-                            "SPG supports one mesh")
+            raise TypeError(
+                f"SPG: parameter {name!r} lives on another device mesh than the parameters before "
+                "it; SPG supports one mesh"
+            )
     return bool(from_dtensor)
 
 
@@ -88,16 +98,23 @@ def process_group(params: Sequence[Tensor]) -> dist.ProcessGroup:
 
 
 def like(shard: Tensor, param: Tensor) -> Tensor:
-    """``shard`` (this rank's part, shaped like ``param``'s local shard) as a DTensor laid out as ``param``."""
+    """``shard`` (this rank's part, shaped like ``param``'s local shard) as a DTensor laid out
+    as ``param``."""
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())
+    return DTensor.from_local(
+        shard,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
 
 
 def distribute(value: Tensor, param: Tensor) -> Tensor:
-    """``value`` laid out as the sharded ``param``: a full tensor (the same on every rank, as a loaded checkpoint
-    is) is cut locally, without communication; a DTensor is redistributed."""
+    """``value`` laid out as the sharded ``param``: a full tensor (the same on every rank, as a
+    loaded checkpoint is) is cut locally, without communication; a DTensor is redistributed."""
     from torch.distributed.tensor import distribute_tensor
 
     if is_sharded(value):
@@ -112,13 +129,20 @@ def agree(flags: Sequence[bool | int], group: dist.ProcessGroup, device: torch.d
     return t.tolist()
 
 
-def head_sums(model: nn.Module, params: Sequence[Tensor], heads: Sequence[int], loader: Iterable[Any],
-              forward: Callable[[Any, int], Any], loss_for: Callable[[int], LossFn],
-              prepare_batch: Callable[[Any], tuple[Any, Any]], label: str = "",
-              head_label: Callable[[int], str] = "head {}".format) -> Iterator[HeadSums]:
-    """Per head, this rank's shards of the gradient sums over every rank's batches (None where no rank's batch
-    gave the parameter a gradient); see the module docstring. ``.grad`` of every parameter of ``model`` is put back
-    as it was when the generator finishes or is closed."""
+def head_sums(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    heads: Sequence[int],
+    loader: Iterable[Any],
+    forward: Callable[[Any, int], Any],
+    loss_for: Callable[[int], LossFn],
+    prepare_batch: Callable[[Any], tuple[Any, Any]],
+    label: str = "",
+    head_label: Callable[[int], str] = "head {}".format,
+) -> Iterator[HeadSums]:
+    """Per head, this rank's shards of the gradient sums over every rank's batches (None where no
+    rank's batch gave the parameter a gradient); see the module docstring. ``.grad`` of every
+    parameter of ``model`` is put back as it was when the generator finishes or is closed."""
     everything = list(model.parameters())
     saved = [p.grad for p in everything]
     group = process_group(params)
@@ -127,20 +151,41 @@ def head_sums(model: nn.Module, params: Sequence[Tensor], heads: Sequence[int], 
         for head in heads:
             for p in everything:
                 p.grad = None
-            batches = _backward_over(model, head, loader, forward, loss_for(head), prepare_batch, group, device,
-                                     label, head_label(head))
-            yield HeadSums(head, [None if p.grad is None else local(p.grad) for p in params], batches)
+            batches = _backward_over(
+                model,
+                head,
+                loader,
+                forward,
+                loss_for(head),
+                prepare_batch,
+                group,
+                device,
+                label,
+                head_label(head),
+            )
+            yield HeadSums(
+                head, [None if p.grad is None else local(p.grad) for p in params], batches
+            )
     finally:
         for p, g in zip(everything, saved, strict=True):
             p.grad = g
 
 
 @torch.enable_grad()
-def _backward_over(model: nn.Module, head: int, loader: Iterable[Any], forward: Callable[[Any, int], Any],
-                   loss_fn: LossFn, prepare_batch: Callable[[Any], tuple[Any, Any]], group: dist.ProcessGroup,
-                   device: torch.device, label: str, name: str) -> int:
-    """Forward and backward of ``head`` over this rank's batches, in step with the other ranks; returns the
-    number of this rank's batches."""
+def _backward_over(
+    model: nn.Module,
+    head: int,
+    loader: Iterable[Any],
+    forward: Callable[[Any, int], Any],
+    loss_fn: LossFn,
+    prepare_batch: Callable[[Any], tuple[Any, Any]],
+    group: dist.ProcessGroup,
+    device: torch.device,
+    label: str,
+    name: str,
+) -> int:
+    """Forward and backward of ``head`` over this rank's batches, in step with the other ranks;
+    returns the number of this rank's batches."""
     world = dist.get_world_size(group)
     items = iter(loader)
     last: tuple[Any, Any] | None = None
@@ -156,14 +201,18 @@ def _backward_over(model: nn.Module, head: int, loader: Iterable[Any], forward: 
             error = exc
         have, failed = agree([batch is not None, error is not None], group, device)
         if failed:
-            raise error or RuntimeError(f"{label}preparing batch {batches} for {name} failed on another rank (see "
-                                        "its error); the accumulated importance is unchanged on every rank")
+            raise error or RuntimeError(
+                f"{label}preparing batch {batches} for {name} failed on another rank (see "
+                "its error); the accumulated importance is unchanged on every rank"
+            )
         if have == 0:
             return batches
         if batches == 0 and have < world:
-            raise ValueError(f"{label}the loader yielded no batches on {world - have} of {world} ranks: every rank "
-                             "needs some of the task's training data (a re-iterable loader such as a DataLoader "
-                             "or a list, not a spent iterator)")
+            raise ValueError(
+                f"{label}the loader yielded no batches on {world - have} of {world} ranks: "
+                "every rank needs some of the task's training data (a re-iterable loader such "
+                "as a DataLoader or a list, not a spent iterator)"
+            )
         real = batch is not None
         x, y = batch if real else last
         loss = None
@@ -174,24 +223,34 @@ def _backward_over(model: nn.Module, head: int, loader: Iterable[Any], forward: 
             error, nonfinite = exc, False
         bad, failed = agree([nonfinite, error is not None], group, device)
         if failed:
-            raise error or RuntimeError(f"{label}the importance pass failed on another rank at its batch for {name} "
-                                        "(see its error); the accumulated importance is unchanged on every rank")
+            raise error or RuntimeError(
+                f"{label}the importance pass failed on another rank at its batch for {name} "
+                "(see its error); the accumulated importance is unchanged on every rank"
+            )
         if bad:
-            where = f"this rank's batch {batches} (counting from 0)" if nonfinite else "another rank's batch"
-            raise FloatingPointError(f"{label}the loss is non-finite (NaN or Inf) at {where} for {name}; check that "
-                                     "batch's data and the loss function; the accumulated importance is unchanged "
-                                     "on every rank")
+            where = (
+                f"this rank's batch {batches} (counting from 0)"
+                if nonfinite
+                else "another rank's batch"
+            )
+            raise FloatingPointError(
+                f"{label}the loss is non-finite (NaN or Inf) at {where} for {name}; check that "
+                "batch's data and the loss function; the accumulated importance is unchanged "
+                "on every rank"
+            )
         (loss if real else loss * 0).backward()
         if real:
             last = (x, y)
             batches += 1
 
 
-def importance_max_(ops: Ops, work: Sequence[Tensor], sums: Sequence[Tensor | None],
-                    group: dist.ProcessGroup) -> list[int]:
-    """``work[i] <- max(work[i], importance)`` for each shard of ``sums`` present, with the statistics of the whole
-    tensors (one ``all_gather`` of every rank's moments); returns the indices whose whole gradient is not finite,
-    the same on every rank, with no accumulator changed when there are any."""
+def importance_max_(
+    ops: Ops, work: Sequence[Tensor], sums: Sequence[Tensor | None], group: dist.ProcessGroup
+) -> list[int]:
+    """``work[i] <- max(work[i], importance)`` for each shard of ``sums`` present, with the
+    statistics of the whole tensors (one ``all_gather`` of every rank's moments); returns the
+    indices whose whole gradient is not finite, the same on every rank, with no accumulator changed
+    when there are any."""
     device = work[0].device
     none = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=device)
     rows = torch.stack([none if h is None else ops.moments(h) for h in sums])
@@ -202,5 +261,7 @@ def importance_max_(ops: Ops, work: Sequence[Tensor], sums: Sequence[Tensor | No
     if bad:
         return bad
     present = [i for i, h in enumerate(sums) if h is not None and merged[i, 0] > 0]
-    ops.importance_max_with_([work[i] for i in present], [sums[i] for i in present], merged[present])
+    ops.importance_max_with_(
+        [work[i] for i in present], [sums[i] for i in present], merged[present]
+    )
     return []

@@ -1,15 +1,17 @@
-"""One forward of a model's shared part per batch for all heads: calls of the head-free submodules, memoised.
+"""One forward of a model's shared part per batch for all heads: calls of the head-free
+submodules, memoised.
 
-``forward(x, t)`` is a black box to SPG, but in a multi-head network it calls the same shared modules on the same
-input tensor for every head ``t`` (``heads[t](trunk(x))``). While a ``TrunkMemo`` is active, each maximal submodule
-that holds no head parameter returns, for a call with the same arguments as an earlier call in the same batch (the
-same tensor objects, unmodified; equal plain values), that call's output, which is part of the same autograd graph.
-So the trunk runs once per batch and every head's gradient flows through one graph. This is exact for a
-deterministic forward; with active randomness (dropout), all heads of a batch see the same random draws, where
+``forward(x, t)`` is a black box to SPG, but in a multi-head network it calls the same shared
+modules on the same input tensor for every head ``t`` (``heads[t](trunk(x))``). While a
+``TrunkMemo`` is active, each maximal submodule that holds no head parameter returns, for a call
+with the same arguments as an earlier call in the same batch (the same tensor objects, unmodified;
+equal plain values), that call's output, which is part of the same autograd graph. So the trunk runs
+once per batch and every head's gradient flows through one graph. This is exact for a deterministic
+forward; with active randomness (dropout), all heads of a batch see the same random draws, where
 separate forwards would draw afresh.
 
-A model whose forward builds a new tensor before the shared modules (``trunk(x / 255)`` inside ``forward``) gets no
-memo hits: still correct, but every head pays its own forward.
+A model whose forward builds a new tensor before the shared modules (``trunk(x / 255)`` inside
+``forward``) gets no memo hits: still correct, but every head pays its own forward.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def _versions(tensors: list[Tensor]) -> tuple[int, ...]:
 
 
 def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | None:
-    """Tensors by identity, plain values by type and value; None (no memo) when an argument is unhashable or a
-    container of tensors."""
+    """Tensors by identity, plain values by type and value; None (no memo) when an argument is
+    unhashable or a container of tensors."""
     parts: list[Hashable] = []
     for name, item in [*enumerate(args), *sorted(kwargs.items())]:
         if isinstance(item, Tensor):
@@ -73,7 +75,8 @@ def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | None:
 
 
 class TrunkMemo:
-    """Context manager: while active, the head-free submodules of ``model`` memoise their calls until ``clear()``.
+    """Context manager: while active, the head-free submodules of ``model`` memoise their calls
+    until ``clear()``.
 
     ``hits`` counts the calls answered from the memo (for tests and benchmarks).
     """
@@ -117,7 +120,8 @@ class TrunkMemo:
                 self.hits += 1
                 return entry.output
             output = forward(*args, **kwargs)
-            # The arguments are kept so that the ids in the key cannot be reused by new tensors within the batch.
+            # The arguments are kept so that the ids in the key cannot be reused by new tensors
+            # within the batch.
             self._memo[slot] = _Entry((args, kwargs), _versions(inputs + _tensors(output)), output)
             return output
 

@@ -1,4 +1,5 @@
-"""Run every Triton kernel under the interpreter on machines without a CUDA device (CI), compiled otherwise."""
+"""Run every Triton kernel under the interpreter on machines without a CUDA device (CI),
+compiled otherwise."""
 
 import os
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a small multi-head network, synthetic tasks, and the spec written out literally."""
+"""Shared test fixtures: a small multi-head network, synthetic tasks, and the spec written
+out literally."""
 
 from __future__ import annotations
 
@@ -10,19 +11,36 @@ from torch import Tensor, nn
 class MultiHeadNet(nn.Module):
     """Two shared layers (a small trunk) and one linear head per task."""
 
-    def __init__(self, n_in: int = 6, hidden: int = 12, n_tasks: int = 3, n_classes: int = 3,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        n_in: int = 6,
+        hidden: int = 12,
+        n_tasks: int = 3,
+        n_classes: int = 3,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                   nn.Linear(hidden, hidden), nn.Tanh())
+        self.trunk = nn.Sequential(
+            nn.Linear(n_in, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
+        )
         self.heads = nn.ModuleList(nn.Linear(hidden, n_classes) for _ in range(n_tasks))
 
     def forward(self, x: Tensor, task: int) -> Tensor:
         return self.heads[task](self.trunk(x))
 
 
-def make_tasks(n_tasks: int = 3, n_batches: int = 3, batch: int = 8, n_in: int = 6, n_classes: int = 3,
-               seed: int = 0) -> list[list[tuple[Tensor, Tensor]]]:
+def make_tasks(
+    n_tasks: int = 3,
+    n_batches: int = 3,
+    batch: int = 8,
+    n_in: int = 6,
+    n_classes: int = 3,
+    seed: int = 0,
+) -> list[list[tuple[Tensor, Tensor]]]:
     """Per task, a list of (x, y) batches drawn from a task-specific linear rule."""
     g = torch.Generator().manual_seed(seed)
     tasks = []
@@ -47,8 +65,11 @@ def oracle_importance(h: Tensor) -> Tensor:
     return ((x - mean) / std).tanh().abs().reshape(h.shape)
 
 
-def literal_importance(model: MultiHeadNet, task: int, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    """The spec's end-of-task importance of ``task`` for the trunk, computed the obvious way in float32."""
+def literal_importance(
+    model: MultiHeadNet, task: int, batches: list[tuple[Tensor, Tensor]]
+) -> dict[str, Tensor]:
+    """The spec's end-of-task importance of ``task`` for the trunk, computed the obvious way
+    in float32."""
     shared = dict(model.trunk.named_parameters(prefix="trunk"))
     gamma = {n: torch.zeros_like(p) for n, p in shared.items()}
     for head in range(task + 1):
@@ -60,13 +81,19 @@ def literal_importance(model: MultiHeadNet, task: int, batches: list[tuple[Tenso
         for n, p in shared.items():
             h = p.grad
             std = h.std()
-            g = torch.zeros_like(h) if std == 0 or not torch.isfinite(std) else ((h - h.mean()) / std).tanh().abs()
+            g = (
+                torch.zeros_like(h)
+                if std == 0 or not torch.isfinite(std)
+                else ((h - h.mean()) / std).tanh().abs()
+            )
             gamma[n] = torch.maximum(gamma[n], g)
     model.zero_grad(set_to_none=True)
     return gamma
 
 
-def train_literal(model: MultiHeadNet, tasks: list, epochs: int, lr: float = 0.1) -> dict[str, Tensor]:
+def train_literal(
+    model: MultiHeadNet, tasks: list, epochs: int, lr: float = 0.1
+) -> dict[str, Tensor]:
     """Train on every task with plain SGD, masking gradients exactly as the spec writes it."""
     shared = dict(model.trunk.named_parameters(prefix="trunk"))
     acc: dict[str, Tensor] | None = None

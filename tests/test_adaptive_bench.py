@@ -1,4 +1,5 @@
-"""bench.adaptive runs end to end on a tiny configuration and writes its three result files (no numbers judged)."""
+"""bench.adaptive runs end to end on a tiny configuration and writes its three result files (no
+numbers judged)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,23 @@ from spg_fast.harness.metrics import summary
 
 
 def test_tiny_run_writes_md_csv_json(tmp_path, capsys):
-    args = ["--out", str(tmp_path), "--seeds", "0", "--epochs", "1", "--tasks", "2", "--optimizers",
-            "sgd:0.1,adamw:1e-3"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--tasks",
+        "2",
+        "--optimizers",
+        "sgd:0.1,adamw:1e-3",
+    ]
     rows = main(args)
     # spg-step runs for AdamW only; every other method for every optimizer.
-    expected = {(o, m) for o in ("sgd", "adamw") for m in METHODS if m != "spg-step"} | {("adamw", "spg-step")}
+    expected = {(o, m) for o in ("sgd", "adamw") for m in METHODS if m != "spg-step"} | {
+        ("adamw", "spg-step")
+    }
     assert {(r["optimizer"], r["method"]) for r in rows} == expected and len(rows) == len(expected)
 
     table = list(csv.DictReader((tmp_path / "results.csv").open()))
@@ -24,9 +37,15 @@ def test_tiny_run_writes_md_csv_json(tmp_path, capsys):
     assert all(0 <= float(r["acc"]) <= 1 and float(r["seconds"]) > 0 for r in table)
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["config"]["tasks"] == 2 and saved["config"]["epochs"] == 1 and saved["planned_runs"] == len(rows)
+    assert (
+        saved["config"]["tasks"] == 2
+        and saved["config"]["epochs"] == 1
+        and saved["planned_runs"] == len(rows)
+    )
     assert saved["optimizer_settings"]["adamw:0.001"]["weight_decay"] == 0.01
-    assert saved["environment"]["torch"] and saved["environment"]["command"].endswith("sgd:0.1,adamw:1e-3")
+    assert saved["environment"]["torch"] and saved["environment"]["command"].endswith(
+        "sgd:0.1,adamw:1e-3"
+    )
     for run in saved["runs"]:
         assert [len(row) for row in run["acc_matrix"]] == [1, 2]
         assert summary(run["acc_matrix"], [1, 1])["forgetting"] == pytest.approx(run["forgetting"])

@@ -13,7 +13,9 @@ from bench.run import main
 def test_bytes_model():
     assert bytes_model.bytes_per_element("mask") == 12  # read g and A, write g
     assert bytes_model.bytes_per_element("adamw_masked", param_bytes=2) == 7 * 2 + 4
-    assert bytes_model.bytes_per_element("importance") == 16  # read h twice (two passes) and A, write A
+    assert (
+        bytes_model.bytes_per_element("importance") == 16
+    )  # read h twice (two passes) and A, write A
 
 
 def test_model_shape_lists():
@@ -30,10 +32,25 @@ def torch_numel(shape: tuple[int, ...]) -> int:
 
 
 def test_runner_writes_tables_csv_and_plots(tmp_path):
-    main(["--out", str(tmp_path), "--ops", "mask,adamw_masked", "--sizes", "2e4", "--models", "",
-          "--no-compile"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--ops",
+            "mask,adamw_masked",
+            "--sizes",
+            "2e4",
+            "--models",
+            "",
+            "--no-compile",
+        ]
+    )
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert {r["impl"] for r in rows if r["op"] == "mask"} == {"spg-fast", "eager loop", "torch._foreach_mul_"}
+    assert {r["impl"] for r in rows if r["op"] == "mask"} == {
+        "spg-fast",
+        "eager loop",
+        "torch._foreach_mul_",
+    }
     assert all(float(r["seconds"]) > 0 and float(r["GBps"]) > 0 for r in rows)
     env = json.loads((tmp_path / "environment.json").read_text())
     assert env["stream_bandwidth_GBps"] > 0 and env["torch"]

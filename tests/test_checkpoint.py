@@ -42,8 +42,16 @@ def test_resume_at_a_task_boundary_is_bit_identical():
     _run_tasks(*first, tasks[:2], first=0)
     model, spg, opt, sched = first
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "spg": spg.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "spg": spg.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        buffer,
+    )
     del first, model, spg, opt, sched
 
     resumed = _setup(seed=99)  # different initial weights: everything must come from the checkpoint

@@ -1,5 +1,5 @@
-"""SPG.end_task where people train: models without per-task heads, no side effects on the model (buffers, modes,
-.grad), and errors that name the batch and head."""
+"""SPG.end_task where people train: models without per-task heads, no side effects on the model
+(buffers, modes, .grad), and errors that name the batch and head."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ TOL = dict(rtol=0, atol=2.0**-25 + 1e-9)
 
 
 def _single_output_net() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)
+    )
 
 
 def _own_loss_importance(model: nn.Module, batches, loss) -> dict[str, torch.Tensor]:
-    """The spec without heads, literally: the gradient of the task's own loss summed over batches."""
+    """The spec without heads, literally: the gradient of the task's own loss summed
+    over batches."""
     model.zero_grad(set_to_none=True)
     for batch in batches:
         loss(model, batch).backward()
@@ -34,11 +37,17 @@ def test_without_heads_every_parameter_is_shared_and_only_the_own_loss_counts():
     torch.manual_seed(0)
     model = _single_output_net()
     spg = SPG(model)
-    assert spg.head_parameters == {} and list(spg.shared_parameters) == [n for n, _ in model.named_parameters()]
+    assert spg.head_parameters == {} and list(spg.shared_parameters) == [
+        n for n, _ in model.named_parameters()
+    ]
     expected = None
-    for task, batches in enumerate(make_tasks(n_tasks=2)):  # domain-incremental: one output, new data per task
+    for task, batches in enumerate(
+        make_tasks(n_tasks=2)
+    ):  # domain-incremental: one output, new data per task
         gamma = _own_loss_importance(model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
-        expected = gamma if expected is None else {n: torch.maximum(expected[n], gamma[n]) for n in gamma}
+        expected = (
+            gamma if expected is None else {n: torch.maximum(expected[n], gamma[n]) for n in gamma}
+        )
         report = spg.end_task(task, batches)
         assert report.passes == 1 and not report.shared_forward and report.reason == "one head"
         for n, a in spg.importance.items():
@@ -71,7 +80,8 @@ class Output:
 
 
 class LanguageModelLike(nn.Module):
-    """Returns an object with ``.loss`` from keyword inputs, as Hugging Face causal language models do."""
+    """Returns an object with ``.loss`` from keyword inputs, as Hugging Face causal language
+    models do."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,10 +99,17 @@ def test_models_returning_their_loss_use_prepare_batch_and_loss_fn():
     torch.manual_seed(2)
     model = LanguageModelLike()
     g = torch.Generator().manual_seed(3)
-    loader = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 11, (3, 4, 6), generator=g)]
+    loader = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 11, (3, 4, 6), generator=g)
+    ]
     spg = SPG(model)
-    spg.end_task(0, loader, lambda batch: model(**batch), loss_fn=lambda out, _: out.loss,
-                 prepare_batch=lambda batch: (batch, None))
+    spg.end_task(
+        0,
+        loader,
+        lambda batch: model(**batch),
+        loss_fn=lambda out, _: out.loss,
+        prepare_batch=lambda batch: (batch, None),
+    )
     expected = _own_loss_importance(model, loader, lambda m, b: m(**b).loss)
     for n, a in spg.importance.items():
         torch.testing.assert_close(a.double(), expected[n], **TOL)
@@ -101,17 +118,27 @@ def test_models_returning_their_loss_use_prepare_batch_and_loss_fn():
 class BatchNormNet(MultiHeadNet):
     def __init__(self) -> None:
         super().__init__(n_tasks=2)
-        self.trunk = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.3),
-                                   nn.Linear(12, 12), nn.Tanh())
+        self.trunk = nn.Sequential(
+            nn.Linear(6, 12),
+            nn.BatchNorm1d(12),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(12, 12),
+            nn.Tanh(),
+        )
 
 
 def _snapshot(model: nn.Module) -> dict:
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "buffers": {n: b.clone() for n, b in model.named_buffers()},
-            "buffer_objects": {n: b for n, b in model.named_buffers()},
-            "modes": {n: m.training for n, m in model.named_modules()},
-            "grads": {n: p.grad for n, p in model.named_parameters()},
-            "grad_values": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}}
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "buffer_objects": {n: b for n, b in model.named_buffers()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+        "grad_values": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
+    }
 
 
 def _assert_unchanged(model: nn.Module, before: dict) -> None:
@@ -122,7 +149,10 @@ def _assert_unchanged(model: nn.Module, before: dict) -> None:
     assert all(after["buffer_objects"][n] is v for n, v in before["buffer_objects"].items())
     assert after["modes"] == before["modes"]
     assert all(after["grads"][n] is g for n, g in before["grads"].items())
-    assert all(g is None or torch.equal(after["grad_values"][n], g) for n, g in before["grad_values"].items())
+    assert all(
+        g is None or torch.equal(after["grad_values"][n], g)
+        for n, g in before["grad_values"].items()
+    )
 
 
 @pytest.fixture
@@ -159,12 +189,17 @@ def test_failed_end_task_leaves_model_and_importance_as_they_were(batchnorm_mode
     before = _snapshot(model)
     bad = [(x.clone(), y) for x, y in tasks[1]]
     bad[1][0][0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"SPG\.end_task\(1\): the loss is non-finite \(NaN or Inf\) at "
-                                                 r"batch 1 \(counting from 0\) for head 0; check that batch's data"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"SPG\.end_task\(1\): the loss is non-finite \(NaN or Inf\) at "
+        r"batch 1 \(counting from 0\) for head 0; check that batch's data",
+    ):
         spg.end_task(1, bad)
     _assert_unchanged(model, before)
     assert torch.isfinite(model.trunk[1].running_mean).all()
-    assert spg.tasks_finished == 1 and all(torch.equal(spg.importance[n], a) for n, a in saved.items())
+    assert spg.tasks_finished == 1 and all(
+        torch.equal(spg.importance[n], a) for n, a in saved.items()
+    )
     model.eval()
     assert torch.isfinite(model(tasks[1][0][0], 0)).all()
 
@@ -204,10 +239,15 @@ def test_non_finite_gradient_messages_say_where_it_came_from():
         return grad * float("nan") if calls[0] == 2 else grad
 
     handle = model[2].weight.register_hook(second_call_only)
-    with pytest.raises(FloatingPointError, match=r"in parameter\(s\) 2\.weight: not traced to a batch \(repeating "
-                                                 r"the pass did not reproduce it\); every loss was finite"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"in parameter\(s\) 2\.weight: not traced to a batch \(repeating "
+        r"the pass did not reproduce it\); every loss was finite",
+    ):
         SPG(model).end_task(0, batches)
     handle.remove()
     model[2].weight.register_hook(lambda grad: grad * float("inf"))
-    with pytest.raises(FloatingPointError, match=r"2\.weight: first at batch 0 \(counting from 0\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"2\.weight: first at batch 0 \(counting from 0\)"
+    ):
         SPG(model).end_task(0, batches)

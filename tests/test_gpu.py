@@ -1,5 +1,6 @@
-"""Checks that only mean something on a CUDA GPU (`make gpu` runs them): tensors past 2**31 elements, and a whole
-masked optimizer step captured in a CUDA graph and replayed. Skipped where there is no CUDA device."""
+"""Checks that only mean something on a CUDA GPU (`make gpu` runs them): tensors
+past 2**31 elements, and a whole masked optimizer step captured in a CUDA graph and replayed.
+Skipped where there is no CUDA device."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def _needs_free_gib(gib: int) -> None:
 
 
 def test_tensors_past_2_31_elements_are_addressed_correctly():
-    """Int64 offsets: a tensor of 2**31 + 1029 elements is masked, stepped and measured right at its start, across
-    the 2**31 boundary and at its end."""
+    """Int64 offsets: a tensor of 2**31 + 1029 elements is masked, stepped and measured right at its
+    start, across the 2**31 boundary and at its end."""
     from spg_fast.kernels.triton.importance_max import importance_max_
     from spg_fast.kernels.triton.sgd_step import sgd_step_
     from spg_fast.kernels.triton.soft_mask import soft_mask_
@@ -36,8 +37,22 @@ def test_tensors_past_2_31_elements_are_addressed_correctly():
     a = torch.rand(n, device=CUDA, generator=gen)
     p = torch.randn(n, device=CUDA, generator=gen)
     want_p = [p[s] - 0.5 * (g[s] * (1 - a[s])) for s in spots]
-    sgd_step_([p], [g], [a], [], [False], torch.ones(1, device=CUDA), None, None, lr=0.5, weight_decay=0.0,
-              momentum=0.0, dampening=0.0, nesterov=False, maximize=False)
+    sgd_step_(
+        [p],
+        [g],
+        [a],
+        [],
+        [False],
+        torch.ones(1, device=CUDA),
+        None,
+        None,
+        lr=0.5,
+        weight_decay=0.0,
+        momentum=0.0,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+    )
     for s, want in zip(spots, want_p, strict=True):
         torch.testing.assert_close(p[s], want, rtol=0, atol=1e-6)
     del p
@@ -66,15 +81,17 @@ def _train_setup(seed: int = 0):
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_a_masked_step_replays_in_a_cuda_graph(name):
-    """Capture spg_fast.optim's masked step (static gradients) in torch.cuda.CUDAGraph; each replay must equal an
-    eager step of a twin, so nothing in the steady-state step allocates host memory, copies to the device or
-    synchronises, and captured pointers stay valid."""
+    """Capture spg_fast.optim's masked step (static gradients) in torch.cuda.CUDAGraph; each replay
+    must equal an eager step of a twin, so nothing in the steady-state step allocates host memory,
+    copies to the device or synchronises, and captured pointers stay valid."""
     model, spg, tasks = _train_setup()
     twin = copy.deepcopy(model)
     twin_spg = SPG(twin, heads=twin.heads)
     twin_spg.load_state_dict(spg.state_dict())
-    make = {"sgd": lambda m, s: optim.SGD(m.parameters(), lr=0.05, momentum=0.9, spg=s),
-            "adamw": lambda m, s: optim.AdamW(m.parameters(), lr=1e-2, spg=s)}[name]
+    make = {
+        "sgd": lambda m, s: optim.SGD(m.parameters(), lr=0.05, momentum=0.9, spg=s),
+        "adamw": lambda m, s: optim.AdamW(m.parameters(), lr=1e-2, spg=s),
+    }[name]
     ours, theirs = make(model, spg), make(twin, twin_spg)
     x, y = tasks[1][0]
     for m in (model, twin):
@@ -98,7 +115,8 @@ def test_a_masked_step_replays_in_a_cuda_graph(name):
 
 
 def test_importance_matches_the_reference_on_the_gpu():
-    """The compiled importance kernel against the float64 reference on a model-sized gradient list."""
+    """The compiled importance kernel against the float64 reference on a model-sized
+    gradient list."""
     from spg_fast.kernels.triton.importance_max import importance_max_
 
     gen = torch.Generator(CUDA).manual_seed(1)

@@ -1,5 +1,6 @@
-"""The importance pass's schedules against the literal per-head passes: exact sums, one trunk forward per batch,
-randomness detection, head groups under a memory budget, and the pass's errors."""
+"""The importance pass's schedules against the literal per-head passes: exact sums, one
+trunk forward per batch, randomness detection, head groups under a memory budget, and the
+pass's errors."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from tests.helpers import MultiHeadNet, make_tasks
 
 
 def _literal_sums(model: nn.Module, batches: list, k: int) -> list[list[torch.Tensor]]:
-    """Per head 0..k, the spec's gradient sums taken the authors' way: zero .grad, backward every batch."""
+    """Per head 0..k, the spec's gradient sums taken the authors' way: zero .grad, backward
+    every batch."""
     shared = list(model.trunk.parameters())
     sums = []
     for head in range(k + 1):
@@ -30,14 +32,24 @@ def _literal_sums(model: nn.Module, batches: list, k: int) -> list[list[torch.Te
 
 
 def _engine(model: nn.Module, batches: list, k: int, **options) -> ImportancePass:
-    return ImportancePass(model, list(model.trunk.parameters()), model.heads.parameters(), list(range(k + 1)),
-                          batches, model, lambda head: F.cross_entropy if head == k else (lambda out, _y: out.sum()),
-                          lambda batch: batch, **options)
+    return ImportancePass(
+        model,
+        list(model.trunk.parameters()),
+        model.heads.parameters(),
+        list(range(k + 1)),
+        batches,
+        model,
+        lambda head: F.cross_entropy if head == k else (lambda out, _y: out.sum()),
+        lambda batch: batch,
+        **options,
+    )
 
 
 def _run(engine: ImportancePass) -> dict[int, list[torch.Tensor | None]]:
     """Each head's sums, copied."""
-    return {done.head: [None if s is None else s.clone() for s in done.sums] for done in engine.run()}
+    return {
+        done.head: [None if s is None else s.clone() for s in done.sums] for done in engine.run()
+    }
 
 
 def _bytes_per_head(model: nn.Module) -> int:
@@ -85,13 +97,18 @@ def test_per_head_schedule_runs_a_forward_per_head_and_batch():
     assert trunk_calls[0] == len(batches) * 4 and engine.report.passes == 4
     assert not engine.report.shared_forward and engine.report.reason == "forced by shared_forward"
     want = _literal_sums(model, batches, 3)
-    assert all(torch.equal(g, w) for head in range(4) for g, w in zip(got[head], want[head], strict=True))
+    assert all(
+        torch.equal(g, w) for head in range(4) for g, w in zip(got[head], want[head], strict=True)
+    )
 
 
 @pytest.mark.parametrize("shared_forward", [False, True])
-def test_gradients_after_the_first_batch_are_added_by_hooks_as_backward_produces_them(monkeypatch, shared_forward):
-    """From the second batch on, autograd.grad hands back stride-0 zeros in place of the gradients (their memory
-    was freed during backward, once added), and the sums are still the literal ones."""
+def test_gradients_after_the_first_batch_are_added_by_hooks_as_backward_produces_them(
+    monkeypatch, shared_forward
+):
+    """From the second batch on, autograd.grad hands back stride-0 zeros in place of the
+    gradients (their memory was freed during backward, once added), and the sums are still the
+    literal ones."""
     model, batches = _float64_setup(2)
     returned = []
     grad = torch.autograd.grad
@@ -105,15 +122,20 @@ def test_gradients_after_the_first_batch_are_added_by_hooks_as_backward_produces
     got = _run(_engine(model, batches, 2, shared_forward=shared_forward))
     monkeypatch.undo()
     want = _literal_sums(model, batches, 2)
-    assert all(torch.equal(g, w) for head in range(3) for g, w in zip(got[head], want[head], strict=True))
+    assert all(
+        torch.equal(g, w) for head in range(3) for g, w in zip(got[head], want[head], strict=True)
+    )
     assert len(returned) == 3 * len(batches)
-    # The shared forward calls autograd.grad batch by batch (3 heads each), the per-head passes head by head.
+    # The shared forward calls autograd.grad batch by batch (3 heads each), the per-head passes head
+    # by head.
     batch_of = (lambda i: i // 3) if shared_forward else (lambda i: i % len(batches))
     first = [out for i, out in enumerate(returned) if batch_of(i) == 0]
     later = [out for i, out in enumerate(returned) if batch_of(i) > 0]
     assert len(first) == 3
     assert all(g.stride() != (0,) * g.dim() or g.numel() < 2 for out in first for g in out)
-    assert all(g.dim() and g.stride() == (0,) * g.dim() and not g.any() for out in later for g in out)
+    assert all(
+        g.dim() and g.stride() == (0,) * g.dim() and not g.any() for out in later for g in out
+    )
 
 
 def test_the_pass_leaves_no_hooks_and_runs_the_users_first():
@@ -124,7 +146,9 @@ def test_the_pass_leaves_no_hooks_and_runs_the_users_first():
     before = dict(weight._backward_hooks)
     got = _run(_engine(model, batches, 1))
     assert dict(weight._backward_hooks) == before
-    assert len(seen) == 2 * len(batches)  # the user's hook saw every real gradient, none of the zeros
+    assert len(seen) == 2 * len(
+        batches
+    )  # the user's hook saw every real gradient, none of the zeros
     assert torch.equal(sum(seen[0::2]), got[0][0]) and torch.equal(sum(seen[1::2]), got[1][0])
     with pytest.raises(FloatingPointError):
         _run(_engine(model, _nan_at(1, batches), 1))
@@ -136,7 +160,9 @@ def test_default_budget_puts_a_small_model_in_one_group():
     model, batches = _float64_setup(4)
     engine = _engine(model, batches, 4)
     _run(engine)
-    assert engine.report.shared_forward and engine.report.group_size == 5 and engine.report.passes == 1
+    assert (
+        engine.report.shared_forward and engine.report.group_size == 5 and engine.report.passes == 1
+    )
     assert engine.report.reason == "no random draws in the first forward"
 
 
@@ -145,14 +171,18 @@ def test_dropout_modules_keep_the_per_head_passes_by_default():
     torch.manual_seed(7)
     auto = _engine(model, batches, 2)
     got = _run(auto)
-    assert not auto.report.shared_forward and "random modules in train mode (trunk.2)" in auto.report.reason
+    assert (
+        not auto.report.shared_forward
+        and "random modules in train mode (trunk.2)" in auto.report.reason
+    )
     torch.manual_seed(7)
     want = _run(_engine(model, batches, 2, shared_forward=False))
     assert all(torch.equal(g, w) for h in range(3) for g, w in zip(got[h], want[h], strict=True))
 
 
 class FunctionalDropoutNet(MultiHeadNet):
-    """Dropout drawn inside forward with F.dropout: no module reveals it, the generator's state does."""
+    """Dropout drawn inside forward with F.dropout: no module reveals it, the generator's
+    state does."""
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self.heads[task](F.dropout(self.trunk(x), 0.3, self.training))
@@ -165,12 +195,15 @@ def test_random_draws_in_the_forward_are_detected_and_give_the_per_head_passes()
     torch.manual_seed(11)
     auto = _engine(model, batches, 3)
     got = _run(auto)
-    assert not auto.report.shared_forward and auto.report.reason == "the first forward drew random numbers"
+    assert (
+        not auto.report.shared_forward
+        and auto.report.reason == "the first forward drew random numbers"
+    )
     assert auto.report.passes == 4
     torch.manual_seed(11)
     want = _run(_engine(model, batches, 3, shared_forward=False))
-    # The probe's forward is head 0's first forward, so the random stream, and the result, are those of the
-    # per-head passes.
+    # The probe's forward is head 0's first forward, so the random stream, and the result, are those
+    # of the per-head passes.
     assert all(torch.equal(g, w) for h in range(4) for g, w in zip(got[h], want[h], strict=True))
 
 
@@ -183,7 +216,8 @@ def test_shared_forward_can_be_forced_with_dropout():
 
 
 class InPlaceNet(nn.Module):
-    """Writes into the trunk's output in place before the head: a memoised output must not be reused then."""
+    """Writes into the trunk's output in place before the head: a memoised output must not be
+    reused then."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -209,7 +243,9 @@ def test_memo_recomputes_an_output_modified_in_place():
 class EmbeddingNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Flatten(), nn.Linear(12, 8), nn.Tanh())
+        self.trunk = nn.Sequential(
+            nn.Embedding(20, 4, sparse=True), nn.Flatten(), nn.Linear(12, 8), nn.Tanh()
+        )
         self.heads = nn.ModuleList(nn.Linear(8, 3) for _ in range(2))
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
@@ -220,7 +256,10 @@ def test_sparse_gradients_are_summed_densely():
     torch.manual_seed(0)
     model = EmbeddingNet().double()
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(0, 20, (5, 3), generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.randint(0, 20, (5, 3), generator=g), torch.randint(0, 3, (5,), generator=g))
+        for _ in range(3)
+    ]
     got = _run(_engine(model, batches, 1))
     want = _literal_sums(model, batches, 1)
     # .grad sums sparse gradients sparsely (another order of additions): equal to float64 rounding.
@@ -241,7 +280,11 @@ def test_unused_parameters_report_no_gradient():
 def test_memo_patches_only_head_free_modules_and_restores_them():
     model = MultiHeadNet()
     assert head_free_modules(model, model.heads.parameters()) == [model.trunk]
-    assert head_free_modules(model, [model.heads[1].weight]) == [model.trunk, model.heads[0], model.heads[2]]
+    assert head_free_modules(model, [model.heads[1].weight]) == [
+        model.trunk,
+        model.heads[0],
+        model.heads[2],
+    ]
     with TrunkMemo(model, model.heads.parameters()):
         assert "forward" in model.trunk.__dict__
     assert "forward" not in model.trunk.__dict__
@@ -267,15 +310,18 @@ def _nan_at(batch_index: int, batches: list) -> list:
 
 def test_non_finite_loss_names_the_batch_and_heads():
     model, batches = _float64_setup(1)
-    with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or Inf\) at batch 2 \(counting from 0\) for "
-                                                 r"head 0, head 1; check that batch's data"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite \(NaN or Inf\) at batch 2 \(counting from 0\) for "
+        r"head 0, head 1; check that batch's data",
+    ):
         _run(_engine(model, _nan_at(2, batches), 1))
     assert "forward" not in model.trunk.__dict__
 
 
 class PoisonMarked(torch.autograd.Function):
-    """Identity whose backward is Inf for a batch marked by a large input value: a non-finite gradient under a
-    finite loss, the same every time the batch comes round."""
+    """Identity whose backward is Inf for a batch marked by a large input value: a non-finite
+    gradient under a finite loss, the same every time the batch comes round."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -298,9 +344,13 @@ def test_non_finite_gradient_is_traced_to_its_batch(shared_forward):
     model = PoisonNet(n_tasks=3).double()
     batches = [(x.double(), y) for x, y in make_tasks(n_tasks=1, n_batches=4)[0]]
     batches[2][0][0, 0] = 1e4  # finite, and the loss stays finite (tanh saturates)
-    results = {done.head: done for done in _engine(model, batches, 2, shared_forward=shared_forward).run()}
+    results = {
+        done.head: done for done in _engine(model, batches, 2, shared_forward=shared_forward).run()
+    }
     for head in range(3):
-        assert results[head].nonfinite == Trace(2, True) and results[head].first_nonfinite_batch == 2
+        assert (
+            results[head].nonfinite == Trace(2, True) and results[head].first_nonfinite_batch == 2
+        )
         assert not bool(torch.isfinite(results[head].sums[0]).all())
     assert "forward" not in model.trunk.__dict__
 
@@ -334,31 +384,55 @@ def test_a_sum_that_overflows_is_told_apart_from_a_bad_batch():
     model = MultiHeadNet(n_tasks=1)
     params = list(model.trunk.parameters())
     batches = make_tasks(n_tasks=1, n_batches=2)[0]
-    engine = ImportancePass(model, params, model.heads.parameters(), [0], batches, model,
-                            lambda head: lambda out, y: ScaleGradient.apply(params[-1]).sum() + out.sum() * 0,
-                            lambda batch: batch)
+    engine = ImportancePass(
+        model,
+        params,
+        model.heads.parameters(),
+        [0],
+        batches,
+        model,
+        lambda head: lambda out, y: ScaleGradient.apply(params[-1]).sum() + out.sum() * 0,
+        lambda batch: batch,
+    )
     (done,) = engine.run()
     assert done.nonfinite == Trace(None, True) and torch.isinf(done.sums[-1]).all()
 
 
-@pytest.mark.parametrize("loss, message", [
-    (lambda out, y: F.cross_entropy(out, y, reduction="none"), r"head 0 must be a scalar tensor, got shape \(8,\)"),
-    (lambda out, y: 1.0, "head 0 must be a scalar tensor, got float"),
-    (lambda out, y: out.detach().sum(), "does not depend on any trainable parameter"),
-])
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        (
+            lambda out, y: F.cross_entropy(out, y, reduction="none"),
+            r"head 0 must be a scalar tensor, got shape \(8,\)",
+        ),
+        (lambda out, y: 1.0, "head 0 must be a scalar tensor, got float"),
+        (lambda out, y: out.detach().sum(), "does not depend on any trainable parameter"),
+    ],
+)
 def test_bad_losses_are_explained(loss, message):
     model, batches = _float64_setup(0)
-    engine = ImportancePass(model, list(model.trunk.parameters()), model.heads.parameters(), [0], batches, model,
-                            lambda head: loss, lambda batch: batch)
+    engine = ImportancePass(
+        model,
+        list(model.trunk.parameters()),
+        model.heads.parameters(),
+        [0],
+        batches,
+        model,
+        lambda head: loss,
+        lambda batch: batch,
+    )
     with pytest.raises(ValueError, match=message):
         _run(engine)
 
 
-@pytest.mark.parametrize("options, error, message", [
-    ({"shared_forward": "yes"}, TypeError, "shared_forward must be None"),
-    ({"memory_budget": -1}, ValueError, "memory_budget must be None or a number of bytes"),
-    ({"memory_budget": 1.5}, ValueError, "memory_budget must be None or a number of bytes"),
-])
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"shared_forward": "yes"}, TypeError, "shared_forward must be None"),
+        ({"memory_budget": -1}, ValueError, "memory_budget must be None or a number of bytes"),
+        ({"memory_budget": 1.5}, ValueError, "memory_budget must be None or a number of bytes"),
+    ],
+)
 def test_bad_options_are_named(options, error, message):
     model, batches = _float64_setup(0)
     with pytest.raises(error, match=message):
@@ -380,13 +454,32 @@ def test_benchmark_writes_its_tables(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        main(["--models", "mlp", "--ks", "0,1", "--batches", "1", "--rounds", "1", "--stats-repeats", "1",
-              "--threads", "1", "--out", str(tmp_path)])
+        main(
+            [
+                "--models",
+                "mlp",
+                "--ks",
+                "0,1",
+                "--batches",
+                "1",
+                "--rounds",
+                "1",
+                "--stats-repeats",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert {(r["k"], r["config"]) for r in rows} >= {("0", "floor"), ("1", "spg-fast auto"),
-                                                     ("1", "spg-fast shared, 2 groups")}
+    assert {(r["k"], r["config"]) for r in rows} >= {
+        ("0", "floor"),
+        ("1", "spg-fast auto"),
+        ("1", "spg-fast shared, 2 groups"),
+    }
     auto = next(r for r in rows if r["k"] == "1" and r["config"] == "spg-fast auto")
     assert auto["shared_forward"] == "True" and auto["group_size"] == "2"
     assert len(json.loads((tmp_path / "results.json").read_text())["statistics"]) == 3

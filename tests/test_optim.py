@@ -1,4 +1,5 @@
-"""spg_fast.optim against "mask the gradient, then run torch's own optimizer", on each of its step paths."""
+"""spg_fast.optim against "mask the gradient, then run torch's own optimizer", on each of its
+step paths."""
 
 from __future__ import annotations
 
@@ -14,26 +15,44 @@ from spg_fast import SPG, optim
 from tests.helpers import MultiHeadNet, make_tasks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# Each way spg_fast.optim can step: SPG backend and SPG_FAST_NATIVE setting (spg_fast.backend.Ops.step_kernels).
+# Each way spg_fast.optim can step: SPG backend and SPG_FAST_NATIVE setting
+# (spg_fast.backend.Ops.step_kernels).
 PATHS = {"triton": ("triton", "auto"), "native": ("torch", "1"), "mask+torch": ("torch", "0")}
 CONFIGS = {
     "sgd": (optim.SGD, torch.optim.SGD, dict(lr=0.05)),
-    "sgd-momentum-wd": (optim.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
-    "sgd-nesterov-max": (optim.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True)),
+    "sgd-momentum-wd": (
+        optim.SGD,
+        torch.optim.SGD,
+        dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+    ),
+    "sgd-nesterov-max": (
+        optim.SGD,
+        torch.optim.SGD,
+        dict(lr=0.05, momentum=0.8, nesterov=True, maximize=True),
+    ),
     "adam": (optim.Adam, torch.optim.Adam, dict(lr=1e-2)),
-    "adam-amsgrad-wd-max": (optim.Adam, torch.optim.Adam,
-                            dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True, maximize=True)),
+    "adam-amsgrad-wd-max": (
+        optim.Adam,
+        torch.optim.Adam,
+        dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True, maximize=True),
+    ),
     "adamw": (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.5)),
     "adamw-amsgrad": (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
-    "adam-betas-zero": (optim.Adam, torch.optim.Adam, dict(lr=1e-3, betas=(0.0, 0.0))),  # log(0): no bias correction
+    "adam-betas-zero": (
+        optim.Adam,
+        torch.optim.Adam,
+        dict(lr=1e-3, betas=(0.0, 0.0)),
+    ),  # log(0): no bias correction
 }
-# Steps per comparison; 20 for the Triton kernels, which run under the interpreter on the CPU at about 50 ms a step
-# (a kernel bug shows in the first step; the long runs check that rounding differences do not compound).
+# Steps per comparison; 20 for the Triton kernels, which run under the interpreter on the CPU at
+# about 50 ms a step (a kernel bug shows in the first step; the long runs check that rounding
+# differences do not compound).
 STEPS = {"triton": 20}
 LONG = 50
-# Both run in float32 with different operation orders (one fused pass vs torch's op by op). Over 50 steps the
-# largest difference measured was 4.8e-7 (Triton), 7.3e-7 (native CPU, FMA-contracted) and 2.8e-7 (mask + torch
-# fused) absolute, parameters of size ~0.1-1: a few float32 ulps that compound over the steps.
+# Both run in float32 with different operation orders (one fused pass vs torch's op by op).
+# Over 50 steps the largest difference measured was 4.8e-7 (Triton), 7.3e-7 (native CPU,
+# FMA-contracted) and 2.8e-7 (mask + torch fused) absolute, parameters of size ~0.1-1: a few float32
+# ulps that compound over the steps.
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -62,8 +81,11 @@ def _steps(backend: str) -> int:
     return STEPS.get(backend, LONG)
 
 
-def _run_pair(name: str, backend: str, dtype=torch.float32, steps: int | None = None, masked: bool = True):
-    """Our optimizer and torch's (on a copy, with SPG masking the gradients first) over ``steps`` steps."""
+def _run_pair(
+    name: str, backend: str, dtype=torch.float32, steps: int | None = None, masked: bool = True
+):
+    """Our optimizer and torch's (on a copy, with SPG masking the gradients first) over
+    ``steps`` steps."""
     ours_cls, torch_cls, kwargs = CONFIGS[name]
     model, spg, tasks = _setup(backend, dtype)
     if masked:
@@ -106,15 +128,17 @@ def test_before_the_first_task_nothing_is_masked(name, backend):
 @pytest.mark.parametrize("name", ["sgd-momentum-wd", "adam-amsgrad-wd-max"])
 def test_bfloat16_parameters_on_the_kernels(name):
     model, twin, _, _ = _run_pair(name, "triton", dtype=torch.bfloat16, steps=10)
-    # torch rounds to bfloat16 after every operation, the kernel once per step; after 10 steps the largest
-    # difference measured was 2.0e-3, half a bfloat16 ulp at 1. Allowed: one ulp (2**-8 absolute, 2**-7 relative).
+    # torch rounds to bfloat16 after every operation, the kernel once per step; after 10 steps the
+    # largest difference measured was 2.0e-3, half a bfloat16 ulp at 1. Allowed: one
+    # ulp (2**-8 absolute, 2**-7 relative).
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=2.0**-7, atol=2.0**-8)
 
 
 def test_gradients_after_the_step(backend):
-    """The Triton and native kernels read the mask inside the update and leave .grad alone; the mask + torch path
-    masks .grad in place (the spec's grad <- grad * (1 - A)) before torch's fused kernel."""
+    """The Triton and native kernels read the mask inside the update and leave .grad alone; the
+    mask + torch path masks .grad in place (the spec's grad <- grad * (1 - A)) before torch's
+    fused kernel."""
     model, spg, tasks = _setup(backend)
     spg.end_task(0, tasks[0])
     opt = optim.SGD(model.parameters(), lr=0.1, spg=spg)
@@ -122,7 +146,9 @@ def test_gradients_after_the_step(backend):
     grads = [p.grad.clone() for p in model.trunk.parameters()]
     opt.step()
     keeps = [1 - spg.importance[n] for n, _ in model.trunk.named_parameters(prefix="trunk")]
-    in_place = spg.ops.step_kernels(list(model.parameters())) is None  # e.g. the native steps on CUDA tensors
+    in_place = (
+        spg.ops.step_kernels(list(model.parameters())) is None
+    )  # e.g. the native steps on CUDA tensors
     for p, g, keep in zip(model.trunk.parameters(), grads, keeps, strict=True):
         assert torch.equal(p.grad, g * keep if in_place else g)
 
@@ -154,7 +180,10 @@ def test_state_dict_round_trips_through_torch_mid_run(name, backend):
     resumed.load_state_dict(theirs.state_dict())
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         for key, value in ours.state[p].items():
-            assert torch.equal(resumed.state[q][key], value) and resumed.state[q][key].device == value.device, key
+            assert (
+                torch.equal(resumed.state[q][key], value)
+                and resumed.state[q][key].device == value.device
+            ), key
     steps(model, ours, half, half)
     steps(twin, resumed, half, half)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
@@ -195,24 +224,42 @@ def test_grad_scaler_inf_step_is_skipped_and_others_match(backend):
 def test_hyperparameters_are_runtime_kernel_arguments():
     from spg_fast.kernels.triton import adam_step, sgd_step
 
-    runtime = {sgd_step._sgd_step: ("lr", "weight_decay", "momentum", "undamped"),
-               adam_step._adam_step: ("lr_hi", "lr_lo", "weight_decay", "decay", "one_minus_beta1", "beta2",
-                                      "one_minus_beta2", "eps")}
+    runtime = {
+        sgd_step._sgd_step: ("lr", "weight_decay", "momentum", "undamped"),
+        adam_step._adam_step: (
+            "lr_hi",
+            "lr_lo",
+            "weight_decay",
+            "decay",
+            "one_minus_beta1",
+            "beta2",
+            "one_minus_beta2",
+            "eps",
+        ),
+    }
     for kernel, names in runtime.items():
         params = inspect.signature(kernel.fn).parameters
         for name in names:
-            assert params[name].annotation is inspect.Parameter.empty, f"{name} would recompile when changed"
+            assert params[name].annotation is inspect.Parameter.empty, (
+                f"{name} would recompile when changed"
+            )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lr=-1.0), "Invalid learning rate: -1.0"),
-    (dict(lr=0.1, momentum=-0.5), "Invalid momentum value"),
-    (dict(lr=0.1, nesterov=True), "Nesterov momentum requires"),
-    (dict(lr=torch.tensor([0.1, 0.2])), r"Tensor lr must be a one-element floating-point tensor, got torch.float32 "
-                                        r"of shape \(2,\)"),
-    (dict(lr=0.1, momentum=torch.tensor(0.9)), "momentum as a Tensor is not supported"),
-    (dict(lr=0.1, differentiable=True), "differentiable=True is not supported"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+        (dict(lr=0.1, momentum=-0.5), "Invalid momentum value"),
+        (dict(lr=0.1, nesterov=True), "Nesterov momentum requires"),
+        (
+            dict(lr=torch.tensor([0.1, 0.2])),
+            r"Tensor lr must be a one-element floating-point tensor, got torch.float32 "
+            r"of shape \(2,\)",
+        ),
+        (dict(lr=0.1, momentum=torch.tensor(0.9)), "momentum as a Tensor is not supported"),
+        (dict(lr=0.1, differentiable=True), "differentiable=True is not supported"),
+    ],
+)
 def test_bad_hyperparameters_are_named(kwargs, message):
     model, spg, _ = _setup("torch")
     with pytest.raises((ValueError, TypeError), match=message):
@@ -233,8 +280,9 @@ def test_fused_optimizer_cannot_also_be_wrapped():
 
 
 def test_a_tensor_lr_follows_its_scheduler_without_recompiling(backend):
-    """With ``lr`` a tensor, a compiled step reads it as data: a scheduler changing it in place (as torch's
-    schedulers do for tensor values) costs no recompilation, and the steps equal eager steps with a float lr."""
+    """With ``lr`` a tensor, a compiled step reads it as data: a scheduler changing it in place (as
+    torch's schedulers do for tensor values) costs no recompilation, and the steps equal eager steps
+    with a float lr."""
     from torch._dynamo.testing import CompileCounter
 
     model, spg, tasks = _setup(backend)
@@ -242,7 +290,9 @@ def test_a_tensor_lr_follows_its_scheduler_without_recompiling(backend):
     twin = copy.deepcopy(model)
     twin_spg = SPG(twin, heads=twin.heads, backend=backend)
     twin_spg.load_state_dict(spg.state_dict())
-    ours = optim.SGD(model.parameters(), lr=torch.tensor(0.05, device=DEVICE), momentum=0.9, spg=spg)
+    ours = optim.SGD(
+        model.parameters(), lr=torch.tensor(0.05, device=DEVICE), momentum=0.9, spg=spg
+    )
     eager = optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, spg=twin_spg)
     schedulers = [torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5) for opt in (ours, eager)]
     counter = CompileCounter()
@@ -258,7 +308,9 @@ def test_a_tensor_lr_follows_its_scheduler_without_recompiling(backend):
             scheduler.step()
         frames.append(counter.frame_count)
     assert isinstance(ours.param_groups[0]["lr"], torch.Tensor)
-    assert frames[1] == frames[-1], f"recompiled as the lr changed: frames compiled after each step {frames}"
+    assert frames[1] == frames[-1], (
+        f"recompiled as the lr changed: frames compiled after each step {frames}"
+    )
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
@@ -269,5 +321,7 @@ class _Sub(torch.Tensor):
 
 def test_tensor_subclass_parameters_are_refused():
     model, spg, _ = _setup("torch")
-    with pytest.raises(TypeError, match=r"SGD.add_param_group: a parameter of shape \(12, 6\) is a _Sub"):
+    with pytest.raises(
+        TypeError, match=r"SGD.add_param_group: a parameter of shape \(12, 6\) is a _Sub"
+    ):
         optim.SGD([p.as_subclass(_Sub) for p in model.parameters()], lr=0.1, spg=spg)

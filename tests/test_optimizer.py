@@ -23,7 +23,8 @@ def _fresh(seed: int = 0) -> MultiHeadNet:
 
 
 def _train(mode: str, make_optimizer, tasks, model: MultiHeadNet | None = None):
-    """Train through the public integration exactly as a user would; returns the model, SPG and optimizer."""
+    """Train through the public integration exactly as a user would; returns the model, SPG
+    and optimizer."""
     model = model or _fresh()
     spg = SPG(model, heads=model.heads)
     base = make_optimizer(model.parameters())
@@ -56,8 +57,9 @@ def test_wrap_attach_and_the_literal_spec_train_the_same_weights():
 
     literal = _fresh()
     literal_importance = train_literal(literal, tasks, EPOCHS, lr=0.1)
-    # The literal loop standardises in float32 and takes a float32 mean for the head scale, the library in
-    # float64: the two differ by float32 rounding, which training carries into the weights at about 1e-7.
+    # The literal loop standardises in float32 and takes a float32 mean for the head scale, the
+    # library in float64: the two differ by float32 rounding, which training carries into the
+    # weights at about 1e-7.
     for (name, p), q in zip(wrapped.named_parameters(), literal.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     for name, a in spg.importance.items():
@@ -69,12 +71,16 @@ def test_wrap_attach_and_the_literal_spec_train_the_same_weights():
     assert moved(wrapped) < 0.9 * moved(unmasked)
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda p: torch.optim.Adam(p, lr=0.01),
-    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=True),
-    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    lambda p: torch.optim.RMSprop(p, lr=0.01),
-], ids=["adam", "adamw-foreach", "sgd-nesterov", "rmsprop"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=True),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda p: torch.optim.RMSprop(p, lr=0.01),
+    ],
+    ids=["adam", "adamw-foreach", "sgd-nesterov", "rmsprop"],
+)
 def test_any_optimizer_equals_masking_by_hand(make_optimizer):
     tasks = make_tasks()
     wrapped, _, _ = _train("wrap", make_optimizer, tasks)
@@ -89,8 +95,16 @@ def test_wrapper_is_an_optimizer_sharing_the_inner_state():
     spg = SPG(model, heads=model.heads)
     inner = torch.optim.Adam(model.parameters(), lr=0.01)
     opt = spg.wrap(inner)
-    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, SPGOptimizer) and opt.optimizer is inner
-    assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    assert (
+        isinstance(opt, torch.optim.Optimizer)
+        and isinstance(opt, SPGOptimizer)
+        and opt.optimizer is inner
+    )
+    assert (
+        opt.param_groups is inner.param_groups
+        and opt.state is inner.state
+        and opt.defaults is inner.defaults
+    )
     assert repr(opt).startswith("SPGOptimizer(Adam (")
 
 
@@ -159,8 +173,12 @@ def test_grad_scaler_skips_an_inf_step_and_otherwise_matches_manual_masking():
             before = [p.detach().clone() for p in model.parameters()]
             scaler.step(opt)
             scaler.update()
-            history.append((scaler.get_scale(), all(torch.equal(b, p) for b, p in
-                                                    zip(before, model.parameters(), strict=True))))
+            history.append(
+                (
+                    scaler.get_scale(),
+                    all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)),
+                )
+            )
         return model, history
 
     wrapped, history = run("wrap")
@@ -176,7 +194,9 @@ def test_state_dicts_interchange_with_the_inner_optimizer():
     tasks = make_tasks()
     model, _, opt = _train("wrap", lambda p: torch.optim.Adam(p, lr=0.01), tasks[:1])
     sd = opt.state_dict()
-    assert sd.keys() == {"state", "param_groups"} and 0 in sd["state"] and "exp_avg" in sd["state"][0]
+    assert (
+        sd.keys() == {"state", "param_groups"} and 0 in sd["state"] and "exp_avg" in sd["state"][0]
+    )
     buffer = io.BytesIO()
     torch.save(sd, buffer)
     plain = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -184,8 +204,12 @@ def test_state_dicts_interchange_with_the_inner_optimizer():
     plain.load_state_dict(torch.load(buffer, weights_only=True))
     fresh = SPG(model, heads=model.heads).wrap(torch.optim.Adam(model.parameters(), lr=0.5))
     fresh.load_state_dict(plain.state_dict())
-    assert fresh.param_groups[0]["lr"] == 0.01 and fresh.param_groups is fresh.optimizer.param_groups
-    assert torch.equal(fresh.state[model.trunk[0].weight]["exp_avg"], opt.state[model.trunk[0].weight]["exp_avg"])
+    assert (
+        fresh.param_groups[0]["lr"] == 0.01 and fresh.param_groups is fresh.optimizer.param_groups
+    )
+    assert torch.equal(
+        fresh.state[model.trunk[0].weight]["exp_avg"], opt.state[model.trunk[0].weight]["exp_avg"]
+    )
 
 
 def test_state_dict_hooks_reach_the_inner_optimizer():
@@ -231,7 +255,9 @@ def test_add_param_group_of_unknown_tensors_is_refused_and_changes_nothing():
     model = _fresh()
     opt = SPG(model, heads=model.heads).wrap(torch.optim.SGD(model.parameters(), lr=0.1))
     stranger = nn.Parameter(torch.zeros(4, 5))
-    with pytest.raises(ValueError, match=r"not parameters of the SPG model \(tensor of shape \(4, 5\)\)"):
+    with pytest.raises(
+        ValueError, match=r"not parameters of the SPG model \(tensor of shape \(4, 5\)\)"
+    ):
         opt.add_param_group({"params": [stranger]})
     assert len(opt.param_groups) == 1
 
@@ -241,7 +267,9 @@ def test_optimizer_with_unknown_parameters_is_refused(how):
     model = _fresh()
     spg = SPG(model, heads=model.heads)
     opt = torch.optim.SGD([*model.parameters(), nn.Parameter(torch.zeros(7))], lr=0.1)
-    with pytest.raises(ValueError, match=rf"SPG.{how}\(SGD\): 1 optimized tensor\(s\) .*shape \(7,\)"):
+    with pytest.raises(
+        ValueError, match=rf"SPG.{how}\(SGD\): 1 optimized tensor\(s\) .*shape \(7,\)"
+    ):
         getattr(spg, how)(opt)
 
 
@@ -268,21 +296,26 @@ def test_masking_twice_is_refused():
     other = SPG(model, heads=model.heads)
     with pytest.raises(RuntimeError, match="SGD already masks its gradients through an SPG object"):
         other.attach(inner)
-    fused = optim.SGD(model.parameters(), lr=0.1, spg=other)  # a fused optimizer registers itself too
+    fused = optim.SGD(
+        model.parameters(), lr=0.1, spg=other
+    )  # a fused optimizer registers itself too
     with pytest.raises(RuntimeError, match="already masks"):
         spg.attach(fused)
 
 
 @pytest.mark.parametrize("how", ["wrap", "fused"])
 def test_masked_optimizers_pickle_and_keep_masking(how):
-    """As torch's optimizers do, a masking optimizer pickles (with its SPG object and model) and the copy trains
-    exactly as the original, masking included."""
+    """As torch's optimizers do, a masking optimizer pickles (with its SPG object and model) and the
+    copy trains exactly as the original, masking included."""
     tasks = make_tasks()
     model = _fresh()
     spg = SPG(model, heads=model.heads)
     spg.end_task(0, tasks[0])
-    opt = (spg.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)) if how == "wrap"
-           else optim.SGD(model.parameters(), lr=0.1, momentum=0.9, spg=spg))
+    opt = (
+        spg.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        if how == "wrap"
+        else optim.SGD(model.parameters(), lr=0.1, momentum=0.9, spg=spg)
+    )
     copy_ = pickle.loads(pickle.dumps(opt))
     copy_model = copy_.param_groups[0]["params"][0]
     assert copy_model is not model.trunk[0].weight
@@ -295,22 +328,30 @@ def test_masked_optimizers_pickle_and_keep_masking(how):
     for a, b in zip(*(m.parameters() for m in models), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="already masks"):
-        (copy_._spg if how == "wrap" else copy_.spg).wrap(copy_ if how == "fused" else copy_.optimizer)
+        (copy_._spg if how == "wrap" else copy_.spg).wrap(
+            copy_ if how == "fused" else copy_.optimizer
+        )
 
 
 def test_step_hooks_run_around_the_masked_step():
     tasks = make_tasks()
     model, spg, opt = _train("wrap", lambda p: torch.optim.SGD(p, lr=0.1), tasks[:1])
     seen = []
-    opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o is opt, model.trunk[0].weight.grad.clone())))
+    opt.register_step_pre_hook(
+        lambda o, a, k: seen.append(("pre", o is opt, model.trunk[0].weight.grad.clone()))
+    )
     opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o is opt)))
-    opt.optimizer.register_step_pre_hook(lambda o, a, k: seen.append(("inner", model.trunk[0].weight.grad.clone())))
+    opt.optimizer.register_step_pre_hook(
+        lambda o, a, k: seen.append(("inner", model.trunk[0].weight.grad.clone()))
+    )
     x, y = tasks[1][0]
     F.cross_entropy(model(x, 1), y).backward()
     opt.step()
     assert [s[0] for s in seen] == ["pre", "inner", "post"] and seen[0][1] and seen[2][1]
     keep = 1 - spg.importance["trunk.0.weight"]
-    assert torch.equal(seen[1][1], seen[0][2] * keep)  # the wrapped optimizer sees the masked gradient
+    assert torch.equal(
+        seen[1][1], seen[0][2] * keep
+    )  # the wrapped optimizer sees the masked gradient
 
 
 @pytest.mark.parametrize("mode", ["wrap", "attach"])
@@ -320,8 +361,11 @@ def test_step_with_closure_masks_every_evaluation(mode, kind):
 
     def run(masking: str):
         model, spg, _ = _train("none", lambda p: torch.optim.SGD(p, lr=0.1), tasks[:1])
-        inner = (torch.optim.SGD(model.parameters(), lr=0.1) if kind == "sgd"
-                 else torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4))
+        inner = (
+            torch.optim.SGD(model.parameters(), lr=0.1)
+            if kind == "sgd"
+            else torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+        )
         opt = spg.wrap(inner) if masking == "wrap" else inner
         if masking == "attach":
             spg.attach(inner)
@@ -351,7 +395,9 @@ def test_attach_handle_removes_the_masking():
         F.cross_entropy(model(x, 1), y).backward()
         grad = model.trunk[0].weight.grad.clone()
         opt.step()
-        assert torch.equal(model.trunk[0].weight.grad, grad * (1 - spg.importance["trunk.0.weight"]))
+        assert torch.equal(
+            model.trunk[0].weight.grad, grad * (1 - spg.importance["trunk.0.weight"])
+        )
     opt.zero_grad()
     F.cross_entropy(model(x, 1), y).backward()
     grad = model.trunk[0].weight.grad.clone()
@@ -377,8 +423,9 @@ def test_sparse_gradients_are_refused_by_name():
 
 
 def test_update_masking_scales_the_step_a_plain_sgd_would_take():
-    """mask="update": the change each step made is scaled as the gradient would be; for plain SGD both modes agree
-    to rounding, and a parameter with importance 1 does not move even under AdamW's weight decay and moments."""
+    """mask="update": the change each step made is scaled as the gradient would be; for plain SGD
+    both modes agree to rounding, and a parameter with importance 1 does not move even under AdamW's
+    weight decay and moments."""
     tasks = make_tasks()
     runs = {}
     for mode in ("gradient", "update"):
@@ -396,8 +443,13 @@ def test_update_masking_scales_the_step_a_plain_sgd_would_take():
 
     model = _fresh()
     spg = SPG(model, heads=model.heads)
-    spg.load_state_dict({"format": 1, "tasks_finished": 1,
-                         "importance": {n: torch.ones_like(p) for n, p in spg.shared_parameters.items()}})
+    spg.load_state_dict(
+        {
+            "format": 1,
+            "tasks_finished": 1,
+            "importance": {n: torch.ones_like(p) for n, p in spg.shared_parameters.items()},
+        }
+    )
     opt = spg.wrap(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5), mask="update")
     frozen = [p.detach().clone() for p in model.trunk.parameters()]
     for x, y in tasks[1]:

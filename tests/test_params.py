@@ -14,9 +14,17 @@ def test_prefixes_and_modules_agree(heads):
     model = MultiHeadNet()
     by_prefix = partition(model, heads)
     by_module = partition(model, model.heads)
-    assert list(by_prefix.heads) == list(by_module.heads) == [
-        f"heads.{i}.{w}" for i in range(3) for w in ("weight", "bias")]
-    assert list(by_prefix.shared) == ["trunk.0.weight", "trunk.0.bias", "trunk.3.weight", "trunk.3.bias"]
+    assert (
+        list(by_prefix.heads)
+        == list(by_module.heads)
+        == [f"heads.{i}.{w}" for i in range(3) for w in ("weight", "bias")]
+    )
+    assert list(by_prefix.shared) == [
+        "trunk.0.weight",
+        "trunk.0.bias",
+        "trunk.3.weight",
+        "trunk.3.bias",
+    ]
 
 
 def test_prefix_matches_whole_name_components():
@@ -31,13 +39,16 @@ def test_frozen_parameters_are_neither_shared_nor_heads():
     assert "trunk.0.weight" not in parts.shared
 
 
-@pytest.mark.parametrize("heads, message", [
-    ([], "heads is empty"),
-    ("decoder", "prefix 'decoder' matches no trainable parameter"),
-    (nn.Linear(2, 2), "not a submodule"),
-    ("", "prefix '' matches no trainable parameter"),
-    ([3], "must be nn.Module or str"),
-])
+@pytest.mark.parametrize(
+    "heads, message",
+    [
+        ([], "heads is empty"),
+        ("decoder", "prefix 'decoder' matches no trainable parameter"),
+        (nn.Linear(2, 2), "not a submodule"),
+        ("", "prefix '' matches no trainable parameter"),
+        ([3], "must be nn.Module or str"),
+    ],
+)
 def test_bad_head_specs(heads, message):
     with pytest.raises((ValueError, TypeError), match=message):
         partition(MultiHeadNet(), heads)
@@ -59,5 +70,8 @@ def test_frozen_head_module_names_nothing():
 def test_head_tied_to_a_shared_parameter_is_an_error():
     model = MultiHeadNet(hidden=3, n_classes=3)
     model.heads[0].weight = model.trunk[3].weight
-    with pytest.raises(ValueError, match=r"'heads.0.weight' is the same tensor as shared parameter 'trunk.3.weight'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'heads.0.weight' is the same tensor as shared parameter 'trunk.3.weight'",
+    ):
         partition(model, "heads")

@@ -10,10 +10,15 @@ from tests.helpers import oracle_importance
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(1, 2), (7,), (3, 5), (2, 3, 5, 7), (1023,), (33, 65)]
-# The reference standardises in float64 and rounds once: a float32 result is within 2**-25 of the oracle (plus
-# float64 noise, ~1e-11 here); float64 results agree with the two-pass oracle to 1e-12.
+# The reference standardises in float64 and rounds once: a float32 result is within 2**-25 of the
+# oracle (plus float64 noise, ~1e-11 here); float64 results agree with the two-pass oracle to 1e-12.
 F32_ROUNDING = 2.0**-25 + 1e-9
-ATOL = {torch.float32: F32_ROUNDING, torch.float64: 1e-12, torch.bfloat16: F32_ROUNDING, torch.float16: F32_ROUNDING}
+ATOL = {
+    torch.float32: F32_ROUNDING,
+    torch.float64: 1e-12,
+    torch.bfloat16: F32_ROUNDING,
+    torch.float16: F32_ROUNDING,
+}
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -37,16 +42,21 @@ def test_importance_of_non_contiguous_views(view):
     base = _random((9, 14), torch.float32, seed=3)
     h = {"transpose": base.t(), "stride": base[::2, ::3], "offset": base[2:, 5:]}[view]
     assert not h.is_contiguous() or h.storage_offset() > 0
-    torch.testing.assert_close(reference.importance(h).double(), oracle_importance(h), rtol=0, atol=F32_ROUNDING)
+    torch.testing.assert_close(
+        reference.importance(h).double(), oracle_importance(h), rtol=0, atol=F32_ROUNDING
+    )
 
 
-@pytest.mark.parametrize("h", [
-    torch.zeros(5, 3),
-    torch.full((17,), 0.1),          # constant whose float32 mean is not exactly 0.1
-    torch.full((4, 4), -3.7e5),
-    torch.tensor([2.5]),
-    torch.zeros(1, 1, 1),
-])
+@pytest.mark.parametrize(
+    "h",
+    [
+        torch.zeros(5, 3),
+        torch.full((17,), 0.1),  # constant whose float32 mean is not exactly 0.1
+        torch.full((4, 4), -3.7e5),
+        torch.tensor([2.5]),
+        torch.zeros(1, 1, 1),
+    ],
+)
 def test_importance_is_zero_in_the_spec_edge_cases(h):
     got = reference.importance(h)
     assert torch.equal(got, torch.zeros_like(h))
@@ -70,8 +80,12 @@ def test_importance_rejects_integer_input():
 
 
 def test_importance_standardises_large_offsets():
-    h = (torch.randn(100_001, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 1e4).float()
-    torch.testing.assert_close(reference.importance(h).double(), oracle_importance(h), rtol=0, atol=F32_ROUNDING)
+    h = (
+        torch.randn(100_001, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 1e4
+    ).float()
+    torch.testing.assert_close(
+        reference.importance(h).double(), oracle_importance(h), rtol=0, atol=F32_ROUNDING
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,5 +1,5 @@
-"""The reference importance statistics: float64 accuracy over cache-sized chunks, the spec's zero and non-finite
-rules exactly, and no full-size float64 temporaries."""
+"""The reference importance statistics: float64 accuracy over cache-sized chunks, the spec's zero
+and non-finite rules exactly, and no full-size float64 temporaries."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from torch.profiler import ProfilerActivity, profile
 from spg_fast import reference
 from tests.helpers import oracle_importance
 
-# The chunk length is patched down for these tests (see the fixture), so that tensors of a few thousand elements
-# cross chunk boundaries: one element over, several chunks with a ragged tail, exactly two chunks.
+# The chunk length is patched down for these tests (see the fixture), so that tensors of a few
+# thousand elements cross chunk boundaries: one element over, several chunks with a ragged tail,
+# exactly two chunks.
 CHUNK = 1024
 MULTI_CHUNK = [CHUNK + 1, 3 * CHUNK + 99, 2 * CHUNK]
-# The statistics are float64 throughout (relative error ~1e-15); only where the exact value lies this close to a
-# float32 rounding midpoint may the result round to the neighbouring float32 value.
+# The statistics are float64 throughout (relative error ~1e-15); only where the exact value lies
+# this close to a float32 rounding midpoint may the result round to the neighbouring float32 value.
 TIE_WIDTH = 1e-12
 
 
@@ -25,10 +26,12 @@ def small_chunks(monkeypatch):
 
 
 def _assert_correctly_rounded(got: torch.Tensor, h: torch.Tensor, shift: float = 0.0) -> None:
-    """Every element is the float32 rounding of the float64 oracle, except within TIE_WIDTH of a midpoint.
+    """Every element is the float32 rounding of the float64 oracle, except within TIE_WIDTH of
+    a midpoint.
 
-    The oracle runs on ``h - shift`` (exact in float64 for a float32 ``shift`` near the values): standardisation
-    does not depend on a shift, and without it the oracle's own mean of values like 3e6 +- 0.5 is off by ~1e-9.
+    The oracle runs on ``h - shift`` (exact in float64 for a float32 ``shift`` near the values):
+    standardisation does not depend on a shift, and without it the oracle's own mean of values
+    like 3e6 +- 0.5 is off by ~1e-9.
     """
     want = oracle_importance(h.double() - shift)
     assert got.dtype == torch.float32
@@ -50,9 +53,12 @@ def _gradient(n: int, seed: int, mean: float, std: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n", [2, 7, 1023, *MULTI_CHUNK])
-@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (1e-4, 1e-3), (1e4, 1.0), (3e6, 0.5), (-2e3, 1e-2)])
+@pytest.mark.parametrize(
+    "mean, std", [(0.0, 1.0), (1e-4, 1e-3), (1e4, 1.0), (3e6, 0.5), (-2e3, 1e-2)]
+)
 def test_float32_result_is_the_rounded_float64_oracle(n, mean, std):
-    """mean >> std included: 1e4 / 1 and 3e6 / 0.5 (float32 keeps about 2 and 0 bits below the point there)."""
+    """mean >> std included: 1e4 / 1 and 3e6 / 0.5 (float32 keeps about 2 and 0 bits below the
+    point there)."""
     h = _gradient(n, seed=n % 1000, mean=mean, std=std)
     shift = float(torch.tensor(mean, dtype=torch.float32))
     _assert_correctly_rounded(reference.importance(h), h, shift)
@@ -63,16 +69,19 @@ def test_float32_result_is_the_rounded_float64_oracle(n, mean, std):
 
 
 def test_outlier_pivot_costs_no_precision():
-    """The first element (the shift) far from the rest, in a later chunk the mean: Chan's merge keeps precision."""
+    """The first element (the shift) far from the rest, in a later chunk the mean: Chan's merge
+    keeps precision."""
     h = _gradient(3 * CHUNK + 17, seed=5, mean=0.0, std=1e-3)
     h[0] = 1e5
-    h[2 * CHUNK:] += 7.0
+    h[2 * CHUNK :] += 7.0
     _assert_correctly_rounded(reference.importance(h), h)
 
 
 @pytest.mark.parametrize("n", [2, 1023, *MULTI_CHUNK])
 def test_float64_input_matches_the_oracle(n):
-    h = _gradient(n, seed=3, mean=1e4, std=1.0).double() + torch.linspace(0, 1e-3, n, dtype=torch.float64)
+    h = _gradient(n, seed=3, mean=1e4, std=1.0).double() + torch.linspace(
+        0, 1e-3, n, dtype=torch.float64
+    )
     got = reference.importance(h)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, oracle_importance(h - 1e4), rtol=0, atol=1e-14)
@@ -87,7 +96,8 @@ def test_narrow_inputs_are_computed_from_their_exact_values(dtype):
 @pytest.mark.parametrize("value", [0.0, 0.1, -3.7e5, 1e-30, float.fromhex("0x1.fffffep127")])
 @pytest.mark.parametrize("n", [1, 2, 17, *MULTI_CHUNK])
 def test_constant_tensors_give_exactly_zero(value, n):
-    """Including a constant whose float32 mean is inexact (0.1), the largest float32 and multi-chunk constants."""
+    """Including a constant whose float32 mean is inexact (0.1), the largest float32 and
+    multi-chunk constants."""
     h = torch.full((n,), value)
     assert torch.equal(reference.importance(h), torch.zeros(n))
     acc = torch.full((n,), 0.25)
@@ -103,7 +113,8 @@ def test_one_constant_chunk_among_varying_ones_is_not_constant():
 
 
 def test_float64_overflowing_spread_gives_zero_not_nan():
-    """Finite float64 values whose variance overflows: the std is not finite, so the importance is 0 (no flag)."""
+    """Finite float64 values whose variance overflows: the std is not finite, so the importance
+    is 0 (no flag)."""
     h = torch.zeros(1000, dtype=torch.float64)
     h[0], h[1] = 1e308, -1e308
     assert torch.equal(reference.importance(h), torch.zeros_like(h))
@@ -123,7 +134,9 @@ def test_non_finite_values_are_flagged_in_any_chunk(dtype, bad, where):
         h[where] = bad
     acc = torch.rand(h.shape, generator=torch.Generator().manual_seed(0))
     before = acc.clone()
-    flags = reference.importance_max_([torch.zeros(3), acc, torch.zeros(3)], [torch.arange(3.0), h, torch.ones(3)])
+    flags = reference.importance_max_(
+        [torch.zeros(3), acc, torch.zeros(3)], [torch.arange(3.0), h, torch.ones(3)]
+    )
     assert flags.tolist() == [False, True, False]
     assert torch.equal(acc, before)
     with pytest.raises(FloatingPointError, match=r"conv1\.weight: gradient holds non-finite"):
@@ -147,8 +160,8 @@ def test_bfloat16_accumulator_gets_the_float32_importance_rounded():
 
 
 def test_no_full_size_float64_temporaries(monkeypatch):
-    """importance_max_ on 2**19 float32 elements allocates nothing larger than one float64 chunk of the real size
-    (a whole float64 copy would be 4 MiB, a float32 one 2 MiB)."""
+    """importance_max_ on 2**19 float32 elements allocates nothing larger than one float64 chunk of
+    the real size (a whole float64 copy would be 4 MiB, a float32 one 2 MiB)."""
     monkeypatch.undo()
     h = _gradient(1 << 19, seed=9, mean=1.0, std=1.0)
     acc = torch.zeros_like(h)
@@ -176,7 +189,8 @@ def _merged_importance(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("n", [2, 7, *MULTI_CHUNK])
 @pytest.mark.parametrize("mean, std", [(0.0, 1.0), (1e4, 1.0), (3e6, 0.5), (-2e3, 1e-2)])
 def test_pieces_with_merged_statistics_get_the_whole_tensors_importance(n, mean, std, k):
-    """Shards standardised with their merged moments: the rounded float64 oracle of the whole tensor."""
+    """Shards standardised with their merged moments: the rounded float64 oracle of the
+    whole tensor."""
     h = _gradient(n, seed=n % 1000 + k, mean=mean, std=std)
     got, flags = _merged_importance(h, k)
     assert not bool(flags.any())

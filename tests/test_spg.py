@@ -49,7 +49,9 @@ def test_end_task_follows_the_spec_over_three_tasks():
     expected = None
     for task, batches in enumerate(tasks):
         gamma = _oracle_task_importance(model, task, batches)
-        expected = gamma if expected is None else {n: torch.maximum(expected[n], gamma[n]) for n in gamma}
+        expected = (
+            gamma if expected is None else {n: torch.maximum(expected[n], gamma[n]) for n in gamma}
+        )
         spg.end_task(task, batches)
         assert spg.tasks_finished == task + 1
         assert list(spg.importance) == list(expected)
@@ -83,7 +85,9 @@ def test_end_task_runs_dropout_in_train_mode_by_default():
     eval_spg, train_spg = SPG(model, heads="heads"), SPG(model, heads="heads")
     eval_spg.end_task(0, batches, train_mode=False)
     train_spg.end_task(0, batches)
-    assert not torch.equal(eval_spg.importance["trunk.0.weight"], train_spg.importance["trunk.0.weight"])
+    assert not torch.equal(
+        eval_spg.importance["trunk.0.weight"], train_spg.importance["trunk.0.weight"]
+    )
 
 
 def test_custom_forward_loss_and_batch_preparation():
@@ -98,8 +102,13 @@ def test_custom_forward_loss_and_batch_preparation():
         return model(x, head)
 
     custom = SPG(model, heads=model.heads)
-    custom.end_task(0, dict_loader, forward, loss_fn=lambda logits, y: F.cross_entropy(logits, y) * 3,
-                    prepare_batch=lambda b: (b["input"], b["label"]))
+    custom.end_task(
+        0,
+        dict_loader,
+        forward,
+        loss_fn=lambda logits, y: F.cross_entropy(logits, y) * 3,
+        prepare_batch=lambda b: (b["input"], b["label"]),
+    )
     assert seen == [0] * len(batches)
     plain = SPG(model, heads=model.heads)
     plain.end_task(0, batches)
@@ -129,7 +138,9 @@ def test_non_finite_gradient_names_the_parameter_and_changes_nothing(trained):
     model, spg, tasks = trained
     saved = _state(spg)
     handle = model.trunk[3].bias.register_hook(lambda g: g * float("nan"))
-    with pytest.raises(FloatingPointError, match=r"head 0 in parameter\(s\) trunk\.3\.bias: first at batch 0 "):
+    with pytest.raises(
+        FloatingPointError, match=r"head 0 in parameter\(s\) trunk\.3\.bias: first at batch 0 "
+    ):
         spg.end_task(1, tasks[1])
     handle.remove()
     _assert_same_state(spg, saved)
@@ -165,7 +176,9 @@ def test_shared_parameters_may_not_change():
     model = MultiHeadNet()
     spg = SPG(model, heads=model.heads)
     model.extra = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"shared parameters changed .*added: \['extra.bias', 'extra.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"shared parameters changed .*added: \['extra.bias', 'extra.weight'\]"
+    ):
         spg.end_task(0, make_tasks(n_tasks=1)[0])
 
 
@@ -212,17 +225,20 @@ def _corrupt(sd: dict, how: str) -> dict:
     return {**sd, "importance": imp}
 
 
-@pytest.mark.parametrize("how, message", [
-    ("missing", "missing importance for trunk.0.bias"),
-    ("extra", "unexpected entries trunk.9.weight"),
-    ("shape", r"trunk.0.weight: shape \(6, 12\) does not match the parameter's \(12, 6\)"),
-    ("range", r"trunk.3.bias: importance values must lie in \[0, 1\]"),
-    ("nan", r"trunk.3.bias: importance values must lie in \[0, 1\]"),
-    ("dtype", "trunk.3.bias: expected a floating-point tensor"),
-    ("keys", "must have keys"),
-    ("tasks", "tasks_finished must be an int >= 0"),
-    ("format", "format 99"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing", "missing importance for trunk.0.bias"),
+        ("extra", "unexpected entries trunk.9.weight"),
+        ("shape", r"trunk.0.weight: shape \(6, 12\) does not match the parameter's \(12, 6\)"),
+        ("range", r"trunk.3.bias: importance values must lie in \[0, 1\]"),
+        ("nan", r"trunk.3.bias: importance values must lie in \[0, 1\]"),
+        ("dtype", "trunk.3.bias: expected a floating-point tensor"),
+        ("keys", "must have keys"),
+        ("tasks", "tasks_finished must be an int >= 0"),
+        ("format", "format 99"),
+    ],
+)
 def test_bad_state_dicts_are_rejected_and_change_nothing(trained, how, message):
     model, spg, _ = trained
     target = SPG(model, heads=model.heads)
@@ -234,7 +250,8 @@ def test_bad_state_dicts_are_rejected_and_change_nothing(trained, how, message):
 
 
 def test_bfloat16_importance_is_the_float32_importance_rounded():
-    """Rounding is monotone, so max-accumulating in bfloat16 equals rounding the float32 result: within 2**-9."""
+    """Rounding is monotone, so max-accumulating in bfloat16 equals rounding the float32 result:
+    within 2**-9."""
     torch.manual_seed(4)
     model = MultiHeadNet()
     tasks = make_tasks()

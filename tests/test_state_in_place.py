@@ -1,5 +1,6 @@
-"""SPG's mask state (``A``, the mask factors, the head scale) keeps its tensors once it exists: end_task and
-load_state_dict copy into them, so pointers captured in a CUDA graph or cached in a launch plan stay valid."""
+"""SPG's mask state (``A``, the mask factors, the head scale) keeps its tensors once it exists:
+end_task and load_state_dict copy into them, so pointers captured in a CUDA graph or cached in a
+launch plan stay valid."""
 
 from __future__ import annotations
 
@@ -26,16 +27,22 @@ def test_later_tasks_and_loads_update_the_same_tensors(backend):
     scale = spg.head_scale.clone()
     spg.end_task(1, tasks[1])
     assert _pointers(spg) == pointers
-    assert any(not torch.equal(a, before[n]) for n, a in spg.importance.items()), "task 1 changed nothing"
+    assert any(not torch.equal(a, before[n]) for n, a in spg.importance.items()), (
+        "task 1 changed nothing"
+    )
     assert not torch.equal(spg.head_scale, scale)
-    saved = {**spg.state_dict(), "importance": {n: torch.rand_like(a) for n, a in spg.importance.items()}}
+    saved = {
+        **spg.state_dict(),
+        "importance": {n: torch.rand_like(a) for n, a in spg.importance.items()},
+    }
     spg.load_state_dict(saved)
     assert _pointers(spg) == pointers
     assert all(torch.equal(a, saved["importance"][n]) for n, a in spg.importance.items())
 
 
 def test_head_scale_has_the_importance_dtype():
-    """float64 models keep their head scale in float64 (the authors' code does), others in float32."""
+    """float64 models keep their head scale in float64 (the authors' code does), others
+    in float32."""
     for dtype in (torch.float32, torch.float64):
         torch.manual_seed(0)
         model = MultiHeadNet().to(dtype)
@@ -43,5 +50,9 @@ def test_head_scale_has_the_importance_dtype():
         spg.end_task(0, [(x.to(dtype), y) for x, y in make_tasks()[0]])
         assert spg.head_scale.dtype == dtype
         flat = torch.cat([a.flatten().double() for a in spg.importance.values()])
-        torch.testing.assert_close(spg.head_scale.double(), 1 - flat.mean(), rtol=0,
-                                   atol=2.0**-52 if dtype == torch.float64 else 2.0**-24)
+        torch.testing.assert_close(
+            spg.head_scale.double(),
+            1 - flat.mean(),
+            rtol=0,
+            atol=2.0**-52 if dtype == torch.float64 else 2.0**-24,
+        )

@@ -1,5 +1,5 @@
-"""Native CPU masked Adam / AdamW: ``spg_adam_step_<dtype>`` of ``fused_steps.c``, with the signature of the Triton
-``adam_step_`` (mask factors here are keep factors ``1 - A``)."""
+"""Native CPU masked Adam / AdamW: ``spg_adam_step_<dtype>`` of ``fused_steps.c``, with the
+signature of the Triton ``adam_step_`` (mask factors here are keep factors ``1 - A``)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,58 @@ from torch import Tensor
 from spg_fast.kernels.cpu.launch import launch
 
 
-def adam_step_(params: list[Tensor], grads: list[Tensor], factors: list[Tensor], exp_avgs: list[Tensor],
-               exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], scale: Tensor | None,
-               grad_scale: Tensor | None, found_inf: Tensor | None, lr: float | Tensor, beta1: float, beta2: float,
-               eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool) -> None:
-    """Masked Adam (``decoupled``: AdamW) over contiguous CPU ``params``, arranged as in ``sgd_step_``; ``steps``
-    are the counts before this step, advanced here (unless GradScaler found an inf), ``max_exp_avg_sqs`` empty
-    without amsgrad."""
+def adam_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    factors: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    scale: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Masked Adam (``decoupled``: AdamW) over contiguous CPU ``params``, arranged as in
+    ``sgd_step_``; ``steps`` are the counts before this step, advanced here (unless GradScaler found
+    an inf), ``max_exp_avg_sqs`` empty without amsgrad."""
     if len(steps) != len(params):
-        raise ValueError(f"adam step: {len(params)} parameters take {len(params)} step counts, got {len(steps)}")
+        raise ValueError(
+            f"adam step: {len(params)} parameters take {len(params)} step counts, got {len(steps)}"
+        )
     lr = float(lr)
     decay, coupled = (1.0 - lr * weight_decay, 0.0) if decoupled else (1.0, float(weight_decay))
-    state = {"exp_avgs": (exp_avgs, True), "exp_avg_sqs": (exp_avg_sqs, True),
-             "max_exp_avg_sqs": (max_exp_avg_sqs, amsgrad)}
+    state = {
+        "exp_avgs": (exp_avgs, True),
+        "exp_avg_sqs": (exp_avg_sqs, True),
+        "max_exp_avg_sqs": (max_exp_avg_sqs, amsgrad),
+    }
     double = ctypes.c_double
-    launch("adam", params, grads, factors, state, [float(s) + 1 for s in steps], scale, grad_scale, found_inf,
-           maximize, decay, coupled, double(lr), double(beta1), double(beta2), double(eps))
+    launch(
+        "adam",
+        params,
+        grads,
+        factors,
+        state,
+        [float(s) + 1 for s in steps],
+        scale,
+        grad_scale,
+        found_inf,
+        maximize,
+        decay,
+        coupled,
+        double(lr),
+        double(beta1),
+        double(beta2),
+        double(eps),
+    )
     if found_inf is None or found_inf.item() == 0:
         torch._foreach_add_(steps, 1)

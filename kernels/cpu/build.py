@@ -1,10 +1,12 @@
-"""Compile ``fused_steps.c`` with the system C compiler on first use and load it, cached per machine.
+"""Compile ``fused_steps.c`` with the system C compiler on first use and load it, cached
+per machine.
 
-The library is built for the CPU it runs on (``-march=native``) and with OpenMP; it links ``libgomp.so.1``,
-which resolves to the copy PyTorch has already loaded, so the steps share torch's thread pool and thread count
-instead of competing with it. The cache key covers the source, the compiler, the flags and the CPU's instruction
-set, so a home directory shared by different machines never loads a library built for another CPU. Like Triton's
-and Inductor's caches it lives under ``~/.cache`` (``$SPG_FAST_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move it).
+The library is built for the CPU it runs on (``-march=native``) and with OpenMP; it links
+``libgomp.so.1``, which resolves to the copy PyTorch has already loaded, so the steps share torch's
+thread pool and thread count instead of competing with it. The cache key covers the source, the
+compiler, the flags and the CPU's instruction set, so a home directory shared by different machines
+never loads a library built for another CPU. Like Triton's and Inductor's caches it lives under
+``~/.cache`` (``$SPG_FAST_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move it).
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("fused_steps.c")
-# -ffp-contract=off: no fused multiply-adds, so the vectorised body and the scalar remainder of a loop round alike
-# and the result does not depend on where the thread slices cut a tensor (with contraction, 1 and 3 threads gave
-# different bits on the 16-core host of the GPU machine).
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+# -ffp-contract=off: no fused multiply-adds, so the vectorised body and the scalar remainder of a
+# loop round alike and the result does not depend on where the thread slices cut a tensor (with
+# contraction, 1 and 3 threads gave different bits on the 16-core host of the GPU machine).
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+)
 
 
 class NativeBuildError(RuntimeError):
@@ -50,7 +60,8 @@ def _compiler() -> str:
 
 
 def _cpu_signature() -> str:
-    """What the compiled code depends on about this CPU: its instruction-set flags where Linux lists them."""
+    """What the compiled code depends on about this CPU: its instruction-set flags where Linux
+    lists them."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -64,22 +75,35 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True
+        )
         if result.returncode != 0:
-            raise NativeBuildError(f"{compiler} failed to compile {SOURCE.name}:\n{result.stderr.strip()}")
-        os.replace(partial, target)  # atomic: a concurrent process loads either no file or a whole one
+            raise NativeBuildError(
+                f"{compiler} failed to compile {SOURCE.name}:\n{result.stderr.strip()}"
+            )
+        os.replace(
+            partial, target
+        )  # atomic: a concurrent process loads either no file or a whole one
 
 
 @functools.cache
 def load() -> ctypes.CDLL:
-    """The compiled library, built now if this machine has none cached. Raises NativeBuildError saying why not."""
+    """The compiled library, built now if this machine has none cached. Raises NativeBuildError
+    saying why not."""
     if platform.system() != "Linux":
-        raise NativeBuildError(f"the native CPU kernels are built on Linux only, not on {platform.system()}")
+        raise NativeBuildError(
+            f"the native CPU kernels are built on Linux only, not on {platform.system()}"
+        )
     if not torch.backends.openmp.is_available():
-        raise NativeBuildError("this PyTorch build has no OpenMP, whose thread pool the native kernels share")
+        raise NativeBuildError(
+            "this PyTorch build has no OpenMP, whose thread pool the native kernels share"
+        )
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_signature()]).encode())
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_signature()]).encode()
+    )
     target = cache_dir() / f"fused_steps-{key.hexdigest()[:16]}.so"
     if not target.exists():
         _build(compiler, target)

@@ -1,5 +1,5 @@
-"""Native CPU masked SGD: ``spg_sgd_step_<dtype>`` of ``fused_steps.c``, with the signature of the Triton
-``sgd_step_`` (mask factors here are keep factors ``1 - A``)."""
+"""Native CPU masked SGD: ``spg_sgd_step_<dtype>`` of ``fused_steps.c``, with the signature of the
+Triton ``sgd_step_`` (mask factors here are keep factors ``1 - A``)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,44 @@ from torch import Tensor
 from spg_fast.kernels.cpu.launch import launch
 
 
-def sgd_step_(params: list[Tensor], grads: list[Tensor], factors: list[Tensor], momentum_buffers: list[Tensor],
-              first_step: list[bool], scale: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
-              lr: float | Tensor, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-              maximize: bool) -> None:
-    """Masked SGD over contiguous CPU ``params`` of one dtype, shared first (times ``factors``), then heads (times
-    ``scale``; None: no mask yet). Momentum buffers (none without momentum) are set to the masked gradient where
-    ``first_step``."""
+def sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    factors: list[Tensor],
+    momentum_buffers: list[Tensor],
+    first_step: list[bool],
+    scale: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """Masked SGD over contiguous CPU ``params`` of one dtype, shared first (times ``factors``),
+    then heads (times ``scale``; None: no mask yet). Momentum buffers (none without momentum) are
+    set to the masked gradient where ``first_step``."""
     if len(first_step) != len(params):
-        raise ValueError(f"sgd step: {len(params)} parameters take {len(params)} first-step flags, got "
-                         f"{len(first_step)}")
-    launch("sgd", params, grads, factors, {"momentum buffers": (momentum_buffers, momentum != 0)},
-           [float(f) for f in first_step], scale, grad_scale, found_inf, maximize, float(lr), float(weight_decay),
-           float(momentum), 1.0 - dampening, ctypes.c_int(nesterov))
+        raise ValueError(
+            f"sgd step: {len(params)} parameters take {len(params)} first-step flags, got "
+            f"{len(first_step)}"
+        )
+    launch(
+        "sgd",
+        params,
+        grads,
+        factors,
+        {"momentum buffers": (momentum_buffers, momentum != 0)},
+        [float(f) for f in first_step],
+        scale,
+        grad_scale,
+        found_inf,
+        maximize,
+        float(lr),
+        float(weight_decay),
+        float(momentum),
+        1.0 - dampening,
+        ctypes.c_int(nesterov),
+    )

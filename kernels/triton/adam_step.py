@@ -1,8 +1,9 @@
-"""Fused masked Adam / AdamW: one pass over each parameter applies SPG's mask and ``torch.optim.Adam``'s update
-(amsgrad, coupled or decoupled weight decay, maximize), for every parameter of one param group and dtype in one
-launch (see ``masked_step`` for what the steps share). Step counts live on the device, one per tensor, and the bias
-corrections are formed from them in float64 inside the kernel, as torch forms them: no host synchronisation. The
-counts are advanced by a second, tiny launch over the same pointer table (in place of torch's ``_foreach_add_``)."""
+"""Fused masked Adam / AdamW: one pass over each parameter applies SPG's mask and
+``torch.optim.Adam``'s update (amsgrad, coupled or decoupled weight decay, maximize), for every
+parameter of one param group and dtype in one launch (see ``masked_step`` for what the steps share).
+Step counts live on the device, one per tensor, and the bias corrections are formed from them in
+float64 inside the kernel, as torch forms them: no host synchronisation. The counts are advanced by
+a second, tiny launch over the same pointer table (in place of torch's ``_foreach_add_``)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,62 @@ import triton.language as tl
 from torch import Tensor
 
 from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
-from spg_fast.kernels.triton.masked_step import f32_parts, launch_flags, live_tile, masked_grad, present, split_lr
+from spg_fast.kernels.triton.masked_step import (
+    f32_parts,
+    launch_flags,
+    live_tile,
+    masked_grad,
+    present,
+    split_lr,
+)
 from spg_fast.kernels.triton.multi_tensor import BLOCK, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr
 
 
 @triton.jit
-def _adam_tile(p_ptr, g_ptr, a_ptr, m_ptr, v_ptr, vmax_ptr, offs, inside, is_shared, scale_ptr, grad_scale_ptr,
-               one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bias2_sqrt,
-               PDT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
-               AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    g = masked_grad(g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, grad_scale_ptr, HAS_MASK, HAS_GRAD_SCALE,
-                    MAXIMIZE, MASKED)
+def _adam_tile(
+    p_ptr,
+    g_ptr,
+    a_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    offs,
+    inside,
+    is_shared,
+    scale_ptr,
+    grad_scale_ptr,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay,
+    step_size,
+    bias2_sqrt,
+    PDT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    g = masked_grad(
+        g_ptr,
+        a_ptr,
+        scale_ptr,
+        offs,
+        inside,
+        is_shared,
+        grad_scale_ptr,
+        HAS_MASK,
+        HAS_GRAD_SCALE,
+        MAXIMIZE,
+        MASKED,
+    )
     p = load(p_ptr, offs, inside, MASKED).to(tl.float32)
     if DECOUPLED:
         p = p * decay
@@ -34,8 +78,14 @@ def _adam_tile(p_ptr, g_ptr, a_ptr, m_ptr, v_ptr, vmax_ptr, offs, inside, is_sha
     m = load(m_ptr, offs, inside, MASKED).to(tl.float32)
     v = load(v_ptr, offs, inside, MASKED).to(tl.float32)
     # torch's lerp: exact at either end of the weight range (beta1 = 0 gives m = g exactly).
-    m = round_to(tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1)),
-                 PDT)
+    m = round_to(
+        tl.where(
+            one_minus_beta1 < 0.5,
+            m + one_minus_beta1 * (g - m),
+            g - (g - m) * (1.0 - one_minus_beta1),
+        ),
+        PDT,
+    )
     v = round_to(v * beta2 + one_minus_beta2 * g * g, PDT)
     store(m_ptr, offs, m, inside, MASKED)
     store(v_ptr, offs, v, inside, MASKED)
@@ -44,18 +94,60 @@ def _adam_tile(p_ptr, g_ptr, a_ptr, m_ptr, v_ptr, vmax_ptr, offs, inside, is_sha
         v = tl.maximum(load(vmax_ptr, offs, inside, MASKED).to(tl.float32), v)
         store(vmax_ptr, offs, v.to(PDT), inside, MASKED)
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-    store(p_ptr, offs, round_to(p - tl.math.div_rn(step_size * m.to(tl.float32), denom), PDT), inside, MASKED)
+    store(
+        p_ptr,
+        offs,
+        round_to(p - tl.math.div_rn(step_size * m.to(tl.float32), denom), PDT),
+        inside,
+        MASKED,
+    )
 
 
 @triton.jit
-def _adam_step(p_ptrs, g_ptrs, a_ptrs, m_ptrs, v_ptrs, vmax_ptrs, step_ptrs, numels, tile_tensor, tile_start,
-               scale_ptr, n_shared, grad_scale_ptr, found_inf_ptr, lr_ptr, lr_hi, lr_lo, one_minus_beta1, beta2,
-               one_minus_beta2, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, eps, weight_decay, decay,
-               PDT: tl.constexpr, ADT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WD: tl.constexpr,
-               DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-               HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr,
-               BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    t, offs, n, full = live_tile(tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF, BLOCK)
+def _adam_step(
+    p_ptrs,
+    g_ptrs,
+    a_ptrs,
+    m_ptrs,
+    v_ptrs,
+    vmax_ptrs,
+    step_ptrs,
+    numels,
+    tile_tensor,
+    tile_start,
+    scale_ptr,
+    n_shared,
+    grad_scale_ptr,
+    found_inf_ptr,
+    lr_ptr,
+    lr_hi,
+    lr_lo,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    log_beta1_hi,
+    log_beta1_lo,
+    log_beta2_hi,
+    log_beta2_lo,
+    eps,
+    weight_decay,
+    decay,
+    PDT: tl.constexpr,
+    ADT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    t, offs, n, full = live_tile(
+        tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF, BLOCK
+    )
     # This step's count: the stored one plus one (``_advance_steps`` stores it after this launch).
     step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32))).to(tl.float64) + 1.0
     if LR_TENSOR:
@@ -74,18 +166,71 @@ def _adam_step(p_ptrs, g_ptrs, a_ptrs, m_ptrs, v_ptrs, vmax_ptrs, step_ptrs, num
     v_ptr = tensor_ptr(v_ptrs, t, PDT, ALIGNED)
     vmax_ptr = tensor_ptr(vmax_ptrs, t, PDT, ALIGNED)
     if full:
-        _adam_tile(p_ptr, g_ptr, a_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < n, t < n_shared, scale_ptr,
-                   grad_scale_ptr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size,
-                   bias2_sqrt, PDT, HAS_MASK, HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False)
+        _adam_tile(
+            p_ptr,
+            g_ptr,
+            a_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            offs,
+            offs < n,
+            t < n_shared,
+            scale_ptr,
+            grad_scale_ptr,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            decay,
+            step_size,
+            bias2_sqrt,
+            PDT,
+            HAS_MASK,
+            HAS_WD,
+            DECOUPLED,
+            AMSGRAD,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            False,
+        )
     else:
-        _adam_tile(p_ptr, g_ptr, a_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < n, t < n_shared, scale_ptr,
-                   grad_scale_ptr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size,
-                   bias2_sqrt, PDT, HAS_MASK, HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, True)
+        _adam_tile(
+            p_ptr,
+            g_ptr,
+            a_ptr,
+            m_ptr,
+            v_ptr,
+            vmax_ptr,
+            offs,
+            offs < n,
+            t < n_shared,
+            scale_ptr,
+            grad_scale_ptr,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            weight_decay,
+            decay,
+            step_size,
+            bias2_sqrt,
+            PDT,
+            HAS_MASK,
+            HAS_WD,
+            DECOUPLED,
+            AMSGRAD,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            True,
+        )
 
 
 @triton.jit
 def _advance_steps(step_ptrs, n, found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    """``step += 1`` for every tensor's step count (``+= 1 - found_inf`` under GradScaler), as torch advances them."""
+    """``step += 1`` for every tensor's step count (``+= 1 - found_inf`` under GradScaler), as torch
+    advances them."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = i < n
     ptrs = tl.load(step_ptrs + i, mask=live, other=0).to(tl.pointer_type(tl.float32))
@@ -99,40 +244,118 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def _adam_step_impl(params: list[Tensor], grads: list[Tensor], importances: list[Tensor], exp_avgs: list[Tensor],
-                    exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor],
-                    scale: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None, lr: float,
-                    lr_tensor: Tensor | None, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    decoupled: bool, amsgrad: bool, maximize: bool) -> None:
+def _adam_step_impl(
+    params: list[Tensor],
+    grads: list[Tensor],
+    importances: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    scale: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float,
+    lr_tensor: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
     device = params[0].device
-    plan, work = plan_for([params, grads, importances, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], device, steps)
+    plan, work = plan_for(
+        [params, grads, importances, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], device, steps
+    )
     with device_guard(device):
         _adam_step[plan.grid](
-            *plan.pointers, plan.numels, plan.tile_tensor, plan.tile_start, *present(device, scale), len(work[2]),
-            *present(device, grad_scale, found_inf, lr_tensor), *f32_parts(lr), 1.0 - beta1, beta2, 1.0 - beta2,
-            *f32_parts(_log(beta1)), *f32_parts(_log(beta2)), eps, weight_decay, 1.0 - lr * weight_decay,
-            HAS_WD=weight_decay != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-            **launch_flags(params, work[2], scale, grad_scale, found_inf, lr_tensor, plan))
-        _advance_steps[(triton.cdiv(len(steps), BLOCK),)](plan.pointers[-1], len(steps), *present(device, found_inf),
-                                                           HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)
-    for originals, w in zip((params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), (work[0], *work[3:]), strict=True):
+            *plan.pointers,
+            plan.numels,
+            plan.tile_tensor,
+            plan.tile_start,
+            *present(device, scale),
+            len(work[2]),
+            *present(device, grad_scale, found_inf, lr_tensor),
+            *f32_parts(lr),
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            *f32_parts(_log(beta1)),
+            *f32_parts(_log(beta2)),
+            eps,
+            weight_decay,
+            1.0 - lr * weight_decay,
+            HAS_WD=weight_decay != 0,
+            DECOUPLED=decoupled,
+            AMSGRAD=amsgrad,
+            MAXIMIZE=maximize,
+            **launch_flags(params, work[2], scale, grad_scale, found_inf, lr_tensor, plan),
+        )
+        _advance_steps[(triton.cdiv(len(steps), BLOCK),)](
+            plan.pointers[-1],
+            len(steps),
+            *present(device, found_inf),
+            HAS_FOUND_INF=found_inf is not None,
+            BLOCK=BLOCK,
+        )
+    for originals, w in zip(
+        (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), (work[0], *work[3:]), strict=True
+    ):
         write_back(originals, w)
 
 
-_adam_step_call = in_place_op("adam_step_", _adam_step_impl,
-                              ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
+_adam_step_call = in_place_op(
+    "adam_step_", _adam_step_impl, ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")
+)
 
 
-def adam_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tensor], exp_avgs: list[Tensor],
-               exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[Tensor], scale: Tensor | None,
-               grad_scale: Tensor | None, found_inf: Tensor | None, lr: float | Tensor, beta1: float, beta2: float,
-               eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool) -> None:
-    """Masked Adam (``decoupled``: AdamW) over ``params`` of one dtype, shared first then heads as in
-    ``sgd_step_``. ``steps`` are the float32 device step counts before this step; the kernel advances them (by
-    ``1 - found_inf`` under GradScaler), so no separate launch does. ``max_exp_avg_sqs`` is empty without amsgrad.
-    ``.grad`` is read, never written."""
+def adam_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    importances: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    scale: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Masked Adam (``decoupled``: AdamW) over ``params`` of one dtype, shared first then heads as
+    in ``sgd_step_``. ``steps`` are the float32 device step counts before this step; the kernel
+    advances them (by ``1 - found_inf`` under GradScaler), so no separate launch does.
+    ``max_exp_avg_sqs`` is empty without amsgrad. ``.grad`` is read, never written."""
     if not params:
         return
     lr_value, lr_tensor = split_lr(lr, params[0].device)
-    _adam_step_call(params, grads, importances, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, scale, grad_scale,
-                    found_inf, lr_value, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize)
+    _adam_step_call(
+        params,
+        grads,
+        importances,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        scale,
+        grad_scale,
+        found_inf,
+        lr_value,
+        lr_tensor,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+        amsgrad,
+        maximize,
+    )

@@ -1,15 +1,20 @@
-"""Fused importance update: ``A <- max(A, |tanh((h - mean h) / std h)|)`` for all tensors of a model.
+"""Fused importance update: ``A <- max(A, |tanh((h - mean h) / std h)|)`` for all tensors of
+a model.
 
 Three launches per (gradient dtype, importance dtype) group, whatever the number of tensors:
-1. ``_tile_stats``: one read of every gradient; per tile of ``BLOCK`` elements, two float64 reductions: the sum
-   and the centred sum of squares of the values shifted by a per-tensor pivot (the tensor's first element, so an
-   offset mean costs no precision). The tile's count follows from its bounds; a non-finite value makes the sum
-   non-finite; a constant tensor has M2 exactly 0 (see ``_stats_tile``);
-2. ``_combine``: per tensor, Chan's parallel combination of its tiles (deterministic: a fixed reduction order);
-3. ``_update``: one read of every gradient and read-modify-write of its accumulator, skipping tensors that hold a
-   non-finite value, which are flagged in the returned bool tensor without any host synchronisation.
-Statistics and the standardisation run in float64, so the result is the float32 rounding of the exact value, as in
-``spg_fast.reference``. ``tanh`` is built from ``exp`` so that the same code runs under ``TRITON_INTERPRET=1``.
+1. ``_tile_stats``: one read of every gradient; per tile of ``BLOCK`` elements, two float64
+   reductions: the sum and the centred sum of squares of the values shifted by a per-tensor pivot
+   (the tensor's first element, so an offset mean costs no precision). The tile's count follows
+   from its bounds; a non-finite value makes the sum non-finite; a constant tensor has M2
+   exactly 0 (see ``_stats_tile``);
+2. ``_combine``: per tensor, Chan's parallel combination of its tiles (deterministic: a fixed
+   reduction order);
+3. ``_update``: one read of every gradient and read-modify-write of its accumulator, skipping
+   tensors that hold a non-finite value, which are flagged in the returned bool tensor without any
+   host synchronisation.
+Statistics and the standardisation run in float64, so the result is the float32 rounding of the
+exact value, as in ``spg_fast.reference``. ``tanh`` is built from ``exp`` so that the same code runs
+under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -23,21 +28,32 @@ from torch import Tensor
 
 from spg_fast.kernels.triton.custom_ops import device_guard
 from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES, check_dtypes, check_pairs
-from spg_fast.kernels.triton.multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, first_tiles, plan_for, write_back
+from spg_fast.kernels.triton.multi_tensor import (
+    BLOCK,
+    NUM_WARPS,
+    TL_DTYPES,
+    first_tiles,
+    plan_for,
+    write_back,
+)
 from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr, tile_of
 
 _PARTIALS = 2  # per tile: the sum and the centred sum of squares of the pivot-shifted values
-_STATS = 3  # mean (relative to the pivot), 1/std (0 where the importance is 0 by the spec), non-finite flag
+# mean (relative to the pivot), 1/std (0 where the importance is 0 by the spec), non-finite flag
+_STATS = 3
 _COMBINE_BLOCK = 1024
 
 
 @triton.jit
 def _stats_tile(h, offs, inside, count, row, MASKED: tl.constexpr):
-    # Shifted by the tensor's first element (exact in float64): a constant tensor gives exactly zero deviations,
-    # so its M2 is exactly 0, which is the spec's constant rule without a min/max. A non-finite value makes the
-    # sum non-finite (finite float32 values cannot overflow a float64 sum), which is the non-finite flag.
-    d = tl.where(inside, load(h, offs, inside, MASKED).to(tl.float64) - tl.load(h).to(tl.float64), 0.0)
+    # Shifted by the tensor's first element (exact in float64): a constant tensor gives exactly zero
+    # deviations, so its M2 is exactly 0, which is the spec's constant rule without a min/max. A
+    # non-finite value makes the sum non-finite (finite float32 values cannot overflow a float64
+    # sum), which is the non-finite flag.
+    d = tl.where(
+        inside, load(h, offs, inside, MASKED).to(tl.float64) - tl.load(h).to(tl.float64), 0.0
+    )
     total = tl.sum(d, axis=0)
     dev = tl.where(inside, d - total / count, 0.0)
     tl.store(row + 0, total)
@@ -45,8 +61,16 @@ def _stats_tile(h, offs, inside, count, row, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _tile_stats(h_ptrs, numels, tile_tensor, tile_start, partials, DT: tl.constexpr, BLOCK: tl.constexpr,
-                ALIGNED: tl.constexpr):
+def _tile_stats(
+    h_ptrs,
+    numels,
+    tile_tensor,
+    tile_start,
+    partials,
+    DT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
     h = tensor_ptr(h_ptrs, t, DT, ALIGNED)
     row = partials + tl.program_id(0).to(tl.int64) * 2
@@ -58,8 +82,11 @@ def _tile_stats(h_ptrs, numels, tile_tensor, tile_start, partials, DT: tl.conste
 
 
 @triton.jit
-def _combine(partials, first_tile, n_tiles, numels, stats, BLOCK: tl.constexpr, CBLOCK: tl.constexpr):
-    """Per tensor, Chan's combination of its tiles' (count, sum, M2) in a fixed order: mean, 1/std, non-finite."""
+def _combine(
+    partials, first_tile, n_tiles, numels, stats, BLOCK: tl.constexpr, CBLOCK: tl.constexpr
+):
+    """Per tensor, Chan's combination of its tiles' (count, sum, M2) in a fixed order: mean,
+    1/std, non-finite."""
     t = tl.program_id(0)
     first = tl.load(first_tile + t)
     tiles = tl.load(n_tiles + t)
@@ -83,7 +110,9 @@ def _combine(partials, first_tile, n_tiles, numels, stats, BLOCK: tl.constexpr, 
     finite = tl.abs(total) < float("inf")
     out = stats + t.to(tl.int64) * 3
     tl.store(out + 0, mean)
-    tl.store(out + 1, tl.where(valid & finite, 1.0 / tl.sqrt(tl.where(valid, m2, 1.0) / (n - 1.0)), 0.0))
+    tl.store(
+        out + 1, tl.where(valid & finite, 1.0 / tl.sqrt(tl.where(valid, m2, 1.0) / (n - 1.0)), 0.0)
+    )
     tl.store(out + 2, tl.where(finite, 0.0, 1.0))
 
 
@@ -98,8 +127,18 @@ def _update_tile(h, a_ptr, offs, inside, mean, inv_std, ADT: tl.constexpr, MASKE
 
 
 @triton.jit
-def _update(h_ptrs, a_ptrs, numels, tile_tensor, tile_start, stats, DT: tl.constexpr, ADT: tl.constexpr,
-            BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def _update(
+    h_ptrs,
+    a_ptrs,
+    numels,
+    tile_tensor,
+    tile_start,
+    stats,
+    DT: tl.constexpr,
+    ADT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
     row = stats + t * 3
     mean = tl.load(row + 0)
@@ -119,32 +158,64 @@ def _check(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     check_dtypes("importance_max_", accumulators, IMPORTANCE_DTYPES, "accumulator")
     for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
         if a.device != h.device or a.device != accumulators[0].device:
-            raise ValueError(f"importance_max_: tensor {i} is on {h.device} / {a.device}, expected one device")
+            raise ValueError(
+                f"importance_max_: tensor {i} is on {h.device} / {a.device}, expected one device"
+            )
 
 
 def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
-    """The three launches for tensors of one (gradient dtype, accumulator dtype); returns non-finite flags."""
+    """The three launches for tensors of one (gradient dtype, accumulator dtype); returns
+    non-finite flags."""
     device = accs[0].device
     plan, (hs, work) = plan_for([grads, accs], device)
     h_ptrs, a_ptrs = plan.pointers
     partials = torch.empty(plan.grid[0], _PARTIALS, dtype=torch.float64, device=device)
     dt, adt = TL_DTYPES[hs[0].dtype], TL_DTYPES[work[0].dtype]
-    _tile_stats[plan.grid](h_ptrs, plan.numels, plan.tile_tensor, plan.tile_start, partials, DT=dt, BLOCK=BLOCK,
-                           ALIGNED=plan.aligned, num_warps=NUM_WARPS)
+    _tile_stats[plan.grid](
+        h_ptrs,
+        plan.numels,
+        plan.tile_tensor,
+        plan.tile_start,
+        partials,
+        DT=dt,
+        BLOCK=BLOCK,
+        ALIGNED=plan.aligned,
+        num_warps=NUM_WARPS,
+    )
     first, counts = first_tiles(tuple(h.numel() for h in hs), device)
     stats = torch.empty(len(hs), _STATS, dtype=torch.float64, device=device)
-    _combine[(len(hs),)](partials, first, counts, plan.numels, stats, BLOCK=BLOCK, CBLOCK=_COMBINE_BLOCK,
-                         num_warps=NUM_WARPS)
-    _update[plan.grid](h_ptrs, a_ptrs, plan.numels, plan.tile_tensor, plan.tile_start, stats, DT=dt, ADT=adt,
-                       BLOCK=BLOCK, ALIGNED=plan.aligned, num_warps=NUM_WARPS)
+    _combine[(len(hs),)](
+        partials,
+        first,
+        counts,
+        plan.numels,
+        stats,
+        BLOCK=BLOCK,
+        CBLOCK=_COMBINE_BLOCK,
+        num_warps=NUM_WARPS,
+    )
+    _update[plan.grid](
+        h_ptrs,
+        a_ptrs,
+        plan.numels,
+        plan.tile_tensor,
+        plan.tile_start,
+        stats,
+        DT=dt,
+        ADT=adt,
+        BLOCK=BLOCK,
+        ALIGNED=plan.aligned,
+        num_warps=NUM_WARPS,
+    )
     write_back(accs, work)
     return stats[:, 2] > 0
 
 
 @torch.library.custom_op("spg_fast::importance_max_", mutates_args=("accumulators",))
 def importance_max_(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
-    """Triton ``A <- max(A, importance(h))`` per pair; returns the bool flags of gradients with non-finite values
-    (whose accumulators are left untouched). Same contract as ``spg_fast.reference.importance_max_``."""
+    """Triton ``A <- max(A, importance(h))`` per pair; returns the bool flags of gradients with
+    non-finite values (whose accumulators are left untouched). Same contract as
+    ``spg_fast.reference.importance_max_``."""
     _check(accumulators, grads)
     device = accumulators[0].device if accumulators else torch.device("cpu")
     flags = torch.zeros(len(grads), dtype=torch.bool, device=device)

@@ -1,17 +1,20 @@
-"""What the fused masked optimizer steps (``sgd_step``, ``adam_step``) share: the masked gradient and the live tile in
-Triton, and the host-side scalars and flags of a launch.
+"""What the fused masked optimizer steps (``sgd_step``, ``adam_step``) share: the masked gradient
+and the live tile in Triton, and the host-side scalars and flags of a launch.
 
-Each launch covers every parameter of one param group and dtype. Per tensor, the gradient is multiplied by
-``1 - A`` (shared) or the head scale (heads), divided by GradScaler's ``grad_scale`` and skipped entirely when its
-``found_inf`` is set (both read on the device), then the optimizer's update runs in float32 registers and parameters
-and state are rounded once to their dtype. Hyperparameters are runtime arguments, so changing them (an LR schedule)
-never recompiles the kernel; ``lr`` may also be a tensor on the parameters' device, read by the kernel, so a step
-captured in a CUDA graph or compiled by ``torch.compile`` follows a scheduler that changes it in place.
+Each launch covers every parameter of one param group and dtype. Per tensor, the gradient is
+multiplied by ``1 - A`` (shared) or the head scale (heads), divided by GradScaler's
+``grad_scale`` and skipped entirely when its ``found_inf`` is set (both read on the device), then
+the optimizer's update runs in float32 registers and parameters and state are rounded once to
+their dtype. Hyperparameters are runtime arguments, so changing them (an LR schedule) never
+recompiles the kernel; ``lr`` may also be a tensor on the parameters' device, read by the kernel,
+so a step captured in a CUDA graph or compiled by ``torch.compile`` follows a scheduler that
+changes it in place.
 
-Compiled Triton passes Python floats as float32 (its interpreter as float64), so every scalar torch forms in double
-is formed on the host and rounded once (``1 - beta``, ``1 - dampening``, ``1 - lr * weight_decay``), and scalars
-that must stay float64 go as float32 hi/lo pairs. (Forming ``1 - beta2`` from float32 0.999 is off by 4.7e-5
-relative, which took 50-step Adam trajectories outside float32 agreement with torch on an H100.)
+Compiled Triton passes Python floats as float32 (its interpreter as float64), so every scalar torch
+forms in double is formed on the host and rounded once (``1 - beta``, ``1 - dampening``,
+``1 - lr * weight_decay``), and scalars that must stay float64 go as float32 hi/lo pairs. (Forming
+``1 - beta2`` from float32 0.999 is off by 4.7e-5 relative, which took 50-step Adam trajectories
+outside float32 agreement with torch on an H100.)
 """
 
 from __future__ import annotations
@@ -30,9 +33,21 @@ from spg_fast.kernels.triton.tiles import load, tile_of
 
 
 @triton.jit
-def masked_grad(g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, grad_scale_ptr, HAS_MASK: tl.constexpr,
-                HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
-    """The gradient as torch's optimizer would see it after SPG masking (and GradScaler unscaling), in float32."""
+def masked_grad(
+    g_ptr,
+    a_ptr,
+    scale_ptr,
+    offs,
+    inside,
+    is_shared,
+    grad_scale_ptr,
+    HAS_MASK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """The gradient as torch's optimizer would see it after SPG masking (and GradScaler unscaling),
+    in float32."""
     g = load(g_ptr, offs, inside, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = tl.math.div_rn(g, tl.load(grad_scale_ptr))
@@ -47,8 +62,11 @@ def masked_grad(g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, grad_scale_ptr
 
 
 @triton.jit
-def live_tile(tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's tile (see ``tiles.tile_of``); no element is live when GradScaler found an inf or NaN."""
+def live_tile(
+    tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr
+):
+    """This program's tile (see ``tiles.tile_of``); no element is live when GradScaler found an inf
+    or NaN."""
     t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr) != 0.0
@@ -58,8 +76,8 @@ def live_tile(tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF: tl.
 
 
 def f32_parts(x: float) -> tuple[float, float]:
-    """``x`` as two float32 scalars whose float64 sum is ``x`` to about 48 bits (for scalars a kernel needs in
-    float64: Triton passes Python floats as float32)."""
+    """``x`` as two float32 scalars whose float64 sum is ``x`` to about 48 bits (for scalars a
+    kernel needs in float64: Triton passes Python floats as float32)."""
     if not math.isfinite(x):
         return x, 0.0
     hi = float(np.float32(x))
@@ -68,8 +86,8 @@ def f32_parts(x: float) -> tuple[float, float]:
 
 @functools.cache
 def _dummy(device: torch.device) -> Tensor:
-    """Stands in for an absent tensor argument (its flag tells the kernel not to read it); one per device, so a
-    steady-state step allocates nothing."""
+    """Stands in for an absent tensor argument (its flag tells the kernel not to read it); one per
+    device, so a steady-state step allocates nothing."""
     return torch.empty(1, device=device)
 
 
@@ -79,23 +97,39 @@ def present(device: torch.device, *tensors: Tensor | None) -> list[Tensor]:
 
 
 def split_lr(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
-    """``lr`` as (a float, the tensor the kernel reads or None). A tensor on the parameters' device is read there
-    (no host synchronisation, capturable); a tensor elsewhere (a CPU scalar for CUDA parameters) is read on the
-    host, where that costs no synchronisation."""
+    """``lr`` as (a float, the tensor the kernel reads or None). A tensor on the parameters' device
+    is read there (no host synchronisation, capturable); a tensor elsewhere (a CPU scalar for CUDA
+    parameters) is read on the host, where that costs no synchronisation."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"lr must be a float or a one-element floating-point tensor, got a {lr.dtype} tensor "
-                             f"of shape {tuple(lr.shape)}")
+            raise ValueError(
+                f"lr must be a float or a one-element floating-point tensor, got a {lr.dtype} "
+                f"tensor of shape {tuple(lr.shape)}"
+            )
         if lr.device == device:
             return 0.0, lr
         return float(lr), None
     return float(lr), None
 
 
-def launch_flags(params: list[Tensor], importances: list[Tensor], scale: Tensor | None, grad_scale: Tensor | None,
-                 found_inf: Tensor | None, lr_tensor: Tensor | None, plan: LaunchPlan) -> dict:
+def launch_flags(
+    params: list[Tensor],
+    importances: list[Tensor],
+    scale: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr_tensor: Tensor | None,
+    plan: LaunchPlan,
+) -> dict:
     """The compile-time arguments every masked step kernel takes."""
-    return dict(PDT=TL_DTYPES[params[0].dtype], ADT=TL_DTYPES[importances[0].dtype] if importances else tl.float32,
-                HAS_MASK=scale is not None, HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None, LR_TENSOR=lr_tensor is not None, BLOCK=BLOCK,
-                ALIGNED=plan.aligned, num_warps=NUM_WARPS)
+    return dict(
+        PDT=TL_DTYPES[params[0].dtype],
+        ADT=TL_DTYPES[importances[0].dtype] if importances else tl.float32,
+        HAS_MASK=scale is not None,
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        LR_TENSOR=lr_tensor is not None,
+        BLOCK=BLOCK,
+        ALIGNED=plan.aligned,
+        num_warps=NUM_WARPS,
+    )

@@ -1,7 +1,8 @@
 """Rounding of float32 results to a kernel's storage dtype, identical compiled and interpreted.
 
-Triton's interpreter converts float32 to bfloat16 by truncation (and its "rtne" mode rounds ties away), while
-compiled code and PyTorch round to nearest even. Rounding with integer operations gives the same bits everywhere.
+Triton's interpreter converts float32 to bfloat16 by truncation (and its "rtne" mode rounds ties
+away), while compiled code and PyTorch round to nearest even. Rounding with integer operations gives
+the same bits everywhere.
 """
 
 import triton
@@ -14,7 +15,8 @@ def round_to(x, DT: tl.constexpr):
     if tl.bfloat16 == DT:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        # NaN is chosen in the integer domain: triton 3.6's interpreter cannot build a bfloat16 constant.
+        # NaN is chosen in the integer domain: triton 3.6's interpreter cannot build a
+        # bfloat16 constant.
         rounded = tl.where(x == x, rounded, 0x7FC0)
         out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:

@@ -1,6 +1,6 @@
-"""Fused masked SGD: one pass over each parameter applies SPG's mask and ``torch.optim.SGD``'s update (momentum,
-dampening, nesterov, weight decay, maximize), for every parameter of one param group and dtype in one launch
-(see ``masked_step`` for what the steps share)."""
+"""Fused masked SGD: one pass over each parameter applies SPG's mask and ``torch.optim.SGD``'s
+update (momentum, dampening, nesterov, weight decay, maximize), for every parameter of one param
+group and dtype in one launch (see ``masked_step`` for what the steps share)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,56 @@ import triton.language as tl
 from torch import Tensor
 
 from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
-from spg_fast.kernels.triton.masked_step import launch_flags, live_tile, masked_grad, present, split_lr
+from spg_fast.kernels.triton.masked_step import (
+    launch_flags,
+    live_tile,
+    masked_grad,
+    present,
+    split_lr,
+)
 from spg_fast.kernels.triton.multi_tensor import flag_table, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr
 
 
 @triton.jit
-def _sgd_tile(p_ptr, g_ptr, a_ptr, buf_ptr, first, offs, inside, is_shared, scale_ptr, grad_scale_ptr, lr,
-              weight_decay, momentum, undamped, PDT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WD: tl.constexpr,
-              HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-              HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    g = masked_grad(g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, grad_scale_ptr, HAS_MASK, HAS_GRAD_SCALE,
-                    MAXIMIZE, MASKED)
+def _sgd_tile(
+    p_ptr,
+    g_ptr,
+    a_ptr,
+    buf_ptr,
+    first,
+    offs,
+    inside,
+    is_shared,
+    scale_ptr,
+    grad_scale_ptr,
+    lr,
+    weight_decay,
+    momentum,
+    undamped,
+    PDT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    g = masked_grad(
+        g_ptr,
+        a_ptr,
+        scale_ptr,
+        offs,
+        inside,
+        is_shared,
+        grad_scale_ptr,
+        HAS_MASK,
+        HAS_GRAD_SCALE,
+        MAXIMIZE,
+        MASKED,
+    )
     p = load(p_ptr, offs, inside, MASKED).to(tl.float32)
     if HAS_WD:
         g = g + weight_decay * p
@@ -37,12 +74,40 @@ def _sgd_tile(p_ptr, g_ptr, a_ptr, buf_ptr, first, offs, inside, is_shared, scal
 
 
 @triton.jit
-def _sgd_step(p_ptrs, g_ptrs, a_ptrs, buf_ptrs, first_flags, numels, tile_tensor, tile_start, scale_ptr, n_shared,
-              grad_scale_ptr, found_inf_ptr, lr_ptr, lr, weight_decay, momentum, undamped, PDT: tl.constexpr,
-              ADT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-              HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    t, offs, n, full = live_tile(tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF, BLOCK)
+def _sgd_step(
+    p_ptrs,
+    g_ptrs,
+    a_ptrs,
+    buf_ptrs,
+    first_flags,
+    numels,
+    tile_tensor,
+    tile_start,
+    scale_ptr,
+    n_shared,
+    grad_scale_ptr,
+    found_inf_ptr,
+    lr_ptr,
+    lr,
+    weight_decay,
+    momentum,
+    undamped,
+    PDT: tl.constexpr,
+    ADT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    t, offs, n, full = live_tile(
+        tile_tensor, tile_start, numels, found_inf_ptr, HAS_FOUND_INF, BLOCK
+    )
     if LR_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float32)
     p_ptr = tensor_ptr(p_ptrs, t, PDT, ALIGNED)
@@ -51,28 +116,99 @@ def _sgd_step(p_ptrs, g_ptrs, a_ptrs, buf_ptrs, first_flags, numels, tile_tensor
     buf_ptr = tensor_ptr(buf_ptrs, t, PDT, ALIGNED)
     first = tl.load(first_flags + t) != 0
     if full:
-        _sgd_tile(p_ptr, g_ptr, a_ptr, buf_ptr, first, offs, offs < n, t < n_shared, scale_ptr, grad_scale_ptr, lr,
-                  weight_decay, momentum, undamped, PDT, HAS_MASK, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                  HAS_GRAD_SCALE, False)
+        _sgd_tile(
+            p_ptr,
+            g_ptr,
+            a_ptr,
+            buf_ptr,
+            first,
+            offs,
+            offs < n,
+            t < n_shared,
+            scale_ptr,
+            grad_scale_ptr,
+            lr,
+            weight_decay,
+            momentum,
+            undamped,
+            PDT,
+            HAS_MASK,
+            HAS_WD,
+            HAS_MOMENTUM,
+            NESTEROV,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            False,
+        )
     else:
-        _sgd_tile(p_ptr, g_ptr, a_ptr, buf_ptr, first, offs, offs < n, t < n_shared, scale_ptr, grad_scale_ptr, lr,
-                  weight_decay, momentum, undamped, PDT, HAS_MASK, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                  HAS_GRAD_SCALE, True)
+        _sgd_tile(
+            p_ptr,
+            g_ptr,
+            a_ptr,
+            buf_ptr,
+            first,
+            offs,
+            offs < n,
+            t < n_shared,
+            scale_ptr,
+            grad_scale_ptr,
+            lr,
+            weight_decay,
+            momentum,
+            undamped,
+            PDT,
+            HAS_MASK,
+            HAS_WD,
+            HAS_MOMENTUM,
+            NESTEROV,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            True,
+        )
 
 
-def _sgd_step_impl(params: list[Tensor], grads: list[Tensor], importances: list[Tensor],
-                   momentum_buffers: list[Tensor], first_step: list[bool], scale: Tensor | None,
-                   grad_scale: Tensor | None, found_inf: Tensor | None, lr: float, lr_tensor: Tensor | None,
-                   weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool) -> None:
+def _sgd_step_impl(
+    params: list[Tensor],
+    grads: list[Tensor],
+    importances: list[Tensor],
+    momentum_buffers: list[Tensor],
+    first_step: list[bool],
+    scale: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float,
+    lr_tensor: Tensor | None,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
     device = params[0].device
-    plan, (work_p, _, work_a, work_b) = plan_for([params, grads, importances, momentum_buffers], device)
+    plan, (work_p, _, work_a, work_b) = plan_for(
+        [params, grads, importances, momentum_buffers], device
+    )
     first = flag_table(tuple(first_step) or (False,) * len(params), device)
     with device_guard(device):
         _sgd_step[plan.grid](
-            *plan.pointers, first, plan.numels, plan.tile_tensor, plan.tile_start, *present(device, scale),
-            len(work_a), *present(device, grad_scale, found_inf, lr_tensor), lr, weight_decay, momentum,
-            1.0 - dampening, HAS_WD=weight_decay != 0, HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
-            MAXIMIZE=maximize, **launch_flags(params, work_a, scale, grad_scale, found_inf, lr_tensor, plan))
+            *plan.pointers,
+            first,
+            plan.numels,
+            plan.tile_tensor,
+            plan.tile_start,
+            *present(device, scale),
+            len(work_a),
+            *present(device, grad_scale, found_inf, lr_tensor),
+            lr,
+            weight_decay,
+            momentum,
+            1.0 - dampening,
+            HAS_WD=weight_decay != 0,
+            HAS_MOMENTUM=momentum != 0,
+            NESTEROV=nesterov,
+            MAXIMIZE=maximize,
+            **launch_flags(params, work_a, scale, grad_scale, found_inf, lr_tensor, plan),
+        )
     write_back(params, work_p)
     write_back(momentum_buffers, work_b)
 
@@ -80,15 +216,43 @@ def _sgd_step_impl(params: list[Tensor], grads: list[Tensor], importances: list[
 _sgd_step_call = in_place_op("sgd_step_", _sgd_step_impl, ("params", "momentum_buffers"))
 
 
-def sgd_step_(params: list[Tensor], grads: list[Tensor], importances: list[Tensor], momentum_buffers: list[Tensor],
-              first_step: list[bool], scale: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
-              lr: float | Tensor, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-              maximize: bool) -> None:
-    """Masked SGD over ``params`` of one dtype: the first ``len(importances)`` are shared (mask ``1 - A``), the rest
-    heads (mask ``scale``); ``scale`` None means no mask yet. ``momentum_buffers`` (empty without momentum) are
-    set to the masked gradient where ``first_step`` is True, as torch does. ``.grad`` is read, never written."""
+def sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    importances: list[Tensor],
+    momentum_buffers: list[Tensor],
+    first_step: list[bool],
+    scale: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """Masked SGD over ``params`` of one dtype: the first ``len(importances)`` are shared (mask
+    ``1 - A``), the rest heads (mask ``scale``); ``scale`` None means no mask yet.
+    ``momentum_buffers`` (empty without momentum) are set to the masked gradient where
+    ``first_step`` is True, as torch does. ``.grad`` is read, never written."""
     if not params:
         return
     lr_value, lr_tensor = split_lr(lr, params[0].device)
-    _sgd_step_call(params, grads, importances, momentum_buffers, first_step, scale, grad_scale, found_inf, lr_value,
-                   lr_tensor, weight_decay, momentum, dampening, nesterov, maximize)
+    _sgd_step_call(
+        params,
+        grads,
+        importances,
+        momentum_buffers,
+        first_step,
+        scale,
+        grad_scale,
+        found_inf,
+        lr_value,
+        lr_tensor,
+        weight_decay,
+        momentum,
+        dampening,
+        nesterov,
+        maximize,
+    )

@@ -1,9 +1,11 @@
-"""Tile-level helpers shared by the kernels: which tensor and elements a program owns, and bounds-aware access.
+"""Tile-level helpers shared by the kernels: which tensor and elements a program owns, and
+bounds-aware access.
 
-A program owns one tile of ``BLOCK`` elements of one tensor. Full tiles are accessed without a bounds mask, which
-is what lets the compiler emit 16-byte vector loads and stores (the mask ``offs < n`` with ``n`` read from memory
-has no known constancy); only each tensor's last tile is masked. ``ALIGNED`` tells the compiler the data pointers
-are 16-byte aligned, which the launchers check on the host.
+A program owns one tile of ``BLOCK`` elements of one tensor. Full tiles are accessed without a
+bounds mask, which is what lets the compiler emit 16-byte vector loads and stores (the mask
+``offs < n`` with ``n`` read from memory has no known constancy); only each tensor's last tile is
+masked. ``ALIGNED`` tells the compiler the data pointers are 16-byte aligned, which the launchers
+check on the host.
 """
 
 import triton
@@ -12,8 +14,8 @@ import triton.language as tl
 
 @triton.jit
 def tile_of(tile_tensor, tile_start, numels, BLOCK: tl.constexpr):
-    """``(t, offs, n, full)``: this program's tensor index, element offsets (int64), that tensor's element count,
-    and whether the tile lies wholly inside the tensor (so it can go unmasked)."""
+    """``(t, offs, n, full)``: this program's tensor index, element offsets (int64), that tensor's
+    element count, and whether the tile lies wholly inside the tensor (so it can go unmasked)."""
     pid = tl.program_id(0)
     t = tl.load(tile_tensor + pid)
     start = tl.multiple_of(tl.load(tile_start + pid), BLOCK)

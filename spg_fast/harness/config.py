@@ -1,5 +1,5 @@
-"""The training protocol's settings (``TrainConfig``): every value with its help text and its check, shared by the
-Python API and the command line, which builds one option per field."""
+"""The training protocol's settings (``TrainConfig``): every value with its help text and its check,
+shared by the Python API and the command line, which builds one option per field."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "True
 
 
 class ConfigError(ValueError):
-    """A setting out of range; ``name`` is the setting (the CLI option without its dashes, ``_`` for ``-``)."""
+    """A setting out of range; ``name`` is the setting (the CLI option without its dashes, ``_``
+    for ``-``)."""
 
     def __init__(self, name: str, why: str) -> None:
         super().__init__(f"{name}: {why}")
@@ -25,7 +26,9 @@ class ConfigError(ValueError):
         self.why = why
 
 
-def _setting(default: Any, help: str, check: Any = None, choices: tuple[str, ...] | None = None) -> Any:
+def _setting(
+    default: Any, help: str, check: Any = None, choices: tuple[str, ...] | None = None
+) -> Any:
     return field(default=default, metadata={"help": help, "check": check, "choices": choices})
 
 
@@ -43,36 +46,65 @@ def _rate(v: float) -> str | None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How each task is learnt. The defaults are the quick protocol with SGD (the embedded digits in seconds on 2
-    CPU cores); ``spg_fast.harness.protocol.resolve`` gives the presets (``quick``, ``paper``) per sequence and
-    optimizer."""
+    """How each task is learnt. The defaults are the quick protocol with SGD (the embedded digits in
+    seconds on 2 CPU cores); ``spg_fast.harness.protocol.resolve`` gives the presets (``quick``,
+    ``paper``) per sequence and optimizer."""
 
-    optimizer: str = _setting("sgd", "sgd (plain, as in the paper), sgd-momentum (momentum 0.9) or adamw (torch's "
-                              "defaults: betas 0.9/0.999, weight decay 0.01); a fresh optimizer for every task",
-                              choices=OPTIMIZERS)
+    optimizer: str = _setting(
+        "sgd",
+        "sgd (plain, as in the paper), sgd-momentum (momentum 0.9) or adamw (torch's "
+        "defaults: betas 0.9/0.999, weight decay 0.01); a fresh optimizer for every task",
+        choices=OPTIMIZERS,
+    )
     lr: float = _setting(0.1, "learning rate at the start of every task", _positive)
-    lr_factor: float = _setting(3.0, "divide the learning rate by this on a validation-loss plateau",
-                                lambda v: None if math.isfinite(v) and v > 1 else "must be a finite number > 1")
+    lr_factor: float = _setting(
+        3.0,
+        "divide the learning rate by this on a validation-loss plateau",
+        lambda v: None if math.isfinite(v) and v > 1 else "must be a finite number > 1",
+    )
     lr_min: float = _setting(1e-3, "lowest learning rate (see --schedule)", _positive)
-    lr_patience: int = _setting(3, "epochs without a lower validation loss that make a plateau", _at_least_one)
+    lr_patience: int = _setting(
+        3, "epochs without a lower validation loss that make a plateau", _at_least_one
+    )
     max_epochs: int = _setting(60, "most epochs per task", _at_least_one)
     batch_size: int = _setting(64, "training mini-batch size", _at_least_one)
-    schedule: str = _setting("divide-stop", "divide-stop: on a plateau divide the learning rate, stop the task "
-                             "when it would fall below --lr-min; plateau (the authors' code): torch's "
-                             "ReduceLROnPlateau down to --lr-min, stop after a plateau at --lr-min. Both restore the "
-                             "weights of the epoch with the lowest validation loss", choices=SCHEDULES)
-    shuffle: str = _setting("epoch", "epoch: a new order of the training data every epoch; once: one seeded order "
-                            "per task, kept for all its epochs (the authors' loaders)", choices=SHUFFLES)
+    schedule: str = _setting(
+        "divide-stop",
+        "divide-stop: on a plateau divide the learning rate, stop the task "
+        "when it would fall below --lr-min; plateau (the authors' code): torch's "
+        "ReduceLROnPlateau down to --lr-min, stop after a plateau at --lr-min. Both restore the "
+        "weights of the epoch with the lowest validation loss",
+        choices=SCHEDULES,
+    )
+    shuffle: str = _setting(
+        "epoch",
+        "epoch: a new order of the training data every epoch; once: one seeded order "
+        "per task, kept for all its epochs (the authors' loaders)",
+        choices=SHUFFLES,
+    )
     dropout_conv: float = _setting(0.0, "dropout after alexnet's first two conv layers", _rate)
-    dropout_fc: float = _setting(0.0, "dropout after alexnet's third conv and fully connected layers, and after "
-                                 "the mlp's layers", _rate)
-    clip_heads: float = _setting(0.0, "clip the heads' joint gradient norm at this value before every step, as "
-                                 "the authors do at 10000 (0: no clipping)",
-                                 lambda v: None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0")
-    normalize: bool = _setting(False, "standardise image inputs per channel (the authors' means and deviations: "
-                               "ImageNet's for colour, MNIST's for grey images)")
-    bn_stats: str = _setting("shared", "BatchNorm statistics (resnet18): shared by all tasks, or per-task: stored at "
-                             "each task's end and used when evaluating that task", choices=BN_STATS)
+    dropout_fc: float = _setting(
+        0.0,
+        "dropout after alexnet's third conv and fully connected layers, and after the mlp's layers",
+        _rate,
+    )
+    clip_heads: float = _setting(
+        0.0,
+        "clip the heads' joint gradient norm at this value before every step, as "
+        "the authors do at 10000 (0: no clipping)",
+        lambda v: None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0",
+    )
+    normalize: bool = _setting(
+        False,
+        "standardise image inputs per channel (the authors' means and deviations: "
+        "ImageNet's for colour, MNIST's for grey images)",
+    )
+    bn_stats: str = _setting(
+        "shared",
+        "BatchNorm statistics (resnet18): shared by all tasks, or per-task: stored at "
+        "each task's end and used when evaluating that task",
+        choices=BN_STATS,
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,5 +1,6 @@
-"""Readers for the on-disk formats of the supported data sets. Each returns uint8 or float32 arrays and raises
-``DataError`` naming the file when a file is missing, truncated or not in the expected format."""
+"""Readers for the on-disk formats of the supported data sets. Each returns uint8 or float32
+arrays and raises ``DataError`` naming the file when a file is missing, truncated or not in the
+expected format."""
 
 from __future__ import annotations
 
@@ -13,27 +14,32 @@ import numpy as np
 
 
 class DataError(ValueError):
-    """A data file that is missing, unreadable or not in the expected format (the message names it)."""
+    """A data file that is missing, unreadable or not in the expected format (the message
+    names it)."""
 
 
 class DataNotFoundError(DataError, FileNotFoundError):
-    """No copy of a data set where it was looked for (the message says where, and what to put there)."""
+    """No copy of a data set where it was looked for (the message says where, and what to
+    put there)."""
 
 
 def require_dir(name: str, candidates: list[Path], expected: str) -> Path:
-    """The first candidate folder that holds ``expected`` (a relative path), else a ``DataNotFoundError``."""
+    """The first candidate folder that holds ``expected`` (a relative path), else
+    a ``DataNotFoundError``."""
     for folder in candidates:
         if (folder / expected).exists():
             return folder
     looked = ", ".join(str(c) for c in candidates)
-    raise DataNotFoundError(f"{name} not found: looked for {expected} in {looked}. Put the files there, or pass "
-                            "--data-dir (data_dir=) naming the folder that holds them (see the README's table).")
+    raise DataNotFoundError(
+        f"{name} not found: looked for {expected} in {looked}. Put the files there, or pass "
+        "--data-dir (data_dir=) naming the folder that holds them (see the README's table)."
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (MNIST layout, optionally gzipped): unsigned-byte data of any rank."""
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from e
@@ -46,12 +52,15 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{rank}I", raw[4:header])
     count = int(np.prod(shape))
     if len(raw) - header != count:
-        raise DataError(f"{path}: IDX header promises {count} bytes of data, the file holds {len(raw) - header}")
+        raise DataError(
+            f"{path}: IDX header promises {count} bytes of data, the file holds {len(raw) - header}"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def read_cifar100(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-100 python pickle (``train`` or ``test``): images (N, 3, 32, 32) uint8 and fine labels."""
+    """One CIFAR-100 python pickle (``train`` or ``test``): images (N, 3, 32, 32) uint8 and
+    fine labels."""
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
@@ -60,7 +69,10 @@ def read_cifar100(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: not a CIFAR-100 python pickle ({type(e).__name__}: {e})") from e
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise DataError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape}, {len(labels)}")
+        raise DataError(
+            f"{path}: expected data of shape (N, 3072) and N labels, got "
+            f"{data.shape}, {len(labels)}"
+        )
     return data.reshape(-1, 3, 32, 32), labels
 
 

@@ -1,5 +1,6 @@
-"""Task-incremental metrics of an accuracy matrix R, where R[i][j] is the test accuracy on task j after learning
-task i (j <= i): average accuracy, backward transfer and forgetting, plain and weighted by test-set size."""
+"""Task-incremental metrics of an accuracy matrix R, where R[i][j] is the test accuracy on task j
+after learning task i (j <= i): average accuracy, backward transfer and forgetting, plain and
+weighted by test-set size."""
 
 from __future__ import annotations
 
@@ -20,31 +21,42 @@ def _mean(values: Sequence[float], weights: Sequence[float] | None) -> float:
     return sum(v * x for v, x in zip(values, w, strict=True)) / sum(w)
 
 
-def average_accuracy(matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> float:
+def average_accuracy(
+    matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None
+) -> float:
     """ACC = mean over j of R[T-1][j]."""
     t = _check(matrix)
     return _mean([matrix[t - 1][j] for j in range(t)], weights)
 
 
-def backward_transfer(matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> float:
-    """BWT = mean over j < T-1 of R[T-1][j] - R[j][j] (negative: forgetting); 0 for a single task."""
+def backward_transfer(
+    matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None
+) -> float:
+    """BWT = mean over j < T-1 of R[T-1][j] - R[j][j] (negative: forgetting); 0 for a
+    single task."""
     t = _check(matrix)
     w = weights[: t - 1] if weights else None
     return _mean([matrix[t - 1][j] - matrix[j][j] for j in range(t - 1)], w)
 
 
 def forgetting(matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> float:
-    """F = mean over j < T-1 of (max over j <= i < T-1 of R[i][j]) - R[T-1][j]; 0 for a single task."""
+    """F = mean over j < T-1 of (max over j <= i < T-1 of R[i][j]) - R[T-1][j]; 0 for a
+    single task."""
     t = _check(matrix)
     w = weights[: t - 1] if weights else None
-    return _mean([max(matrix[i][j] for i in range(j, t - 1)) - matrix[t - 1][j] for j in range(t - 1)], w)
+    return _mean(
+        [max(matrix[i][j] for i in range(j, t - 1)) - matrix[t - 1][j] for j in range(t - 1)], w
+    )
 
 
 def summary(matrix: Sequence[Sequence[float]], test_sizes: Sequence[int]) -> dict[str, float]:
     """All metrics, plain and weighted by each task's test-set size."""
     sizes = [float(n) for n in test_sizes]
     return {
-        "acc": average_accuracy(matrix), "bwt": backward_transfer(matrix), "forgetting": forgetting(matrix),
-        "acc_weighted": average_accuracy(matrix, sizes), "bwt_weighted": backward_transfer(matrix, sizes),
+        "acc": average_accuracy(matrix),
+        "bwt": backward_transfer(matrix),
+        "forgetting": forgetting(matrix),
+        "acc_weighted": average_accuracy(matrix, sizes),
+        "bwt_weighted": backward_transfer(matrix, sizes),
         "forgetting_weighted": forgetting(matrix, sizes),
     }

@@ -1,5 +1,6 @@
-"""The output folder of a run or comparison: checked before any training, checkpoints and results written
-atomically (a crash or Ctrl-C never leaves a half-written file), resumed only by the run that wrote it."""
+"""The output folder of a run or comparison: checked before any training, checkpoints and results
+written atomically (a crash or Ctrl-C never leaves a half-written file), resumed only by the run
+that wrote it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from typing import Any
 
 import torch
 
-RUN_FILES = frozenset({"results.json", "acc_matrix.csv", "acc_matrix.png", "log.txt", "checkpoint.pt"})
-COMPARE_FILES = frozenset({"comparison.json", "comparison.csv", "comparison.md", "comparison.png", "log.txt"})
+RUN_FILES = frozenset(
+    {"results.json", "acc_matrix.csv", "acc_matrix.png", "log.txt", "checkpoint.pt"}
+)
+COMPARE_FILES = frozenset(
+    {"comparison.json", "comparison.csv", "comparison.md", "comparison.png", "log.txt"}
+)
 RUN_FOLDER = re.compile(r"[a-z]+-seed\d+")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -24,22 +29,30 @@ class OutputError(ValueError):
 
 
 def _ours(folder: Path, compare: bool) -> tuple[list[str], list[str]]:
-    """(names spg-fast writes, other names) in ``folder``; a comparison's run folders count as its own when they
-    hold run files only."""
+    """(names spg-fast writes, other names) in ``folder``; a comparison's run folders count as its
+    own when they hold run files only."""
     mine, other = [], []
     for entry in sorted(folder.iterdir()):
         if entry.is_dir():
-            ours = compare and RUN_FOLDER.fullmatch(entry.name) is not None and not _ours(entry, compare=False)[1]
+            ours = (
+                compare
+                and RUN_FOLDER.fullmatch(entry.name) is not None
+                and not _ours(entry, compare=False)[1]
+            )
         else:
-            ours = entry.name in RUN_FILES or (compare and entry.name in COMPARE_FILES) or entry.name.endswith(".tmp")
+            ours = (
+                entry.name in RUN_FILES
+                or (compare and entry.name in COMPARE_FILES)
+                or entry.name.endswith(".tmp")
+            )
         (mine if ours else other).append(entry.name)
     return mine, other
 
 
 def check(out: Path, mode: str, compare: bool = False) -> list[str]:
-    """Whether ``out`` can take a run (read only, before any data is read): new, empty, or holding an earlier
-    run's files, which ``resume`` continues and ``overwrite`` replaces (returned: the names to remove). A folder
-    holding anything spg-fast did not write is refused in every mode."""
+    """Whether ``out`` can take a run (read only, before any data is read): new, empty, or holding
+    an earlier run's files, which ``resume`` continues and ``overwrite`` replaces (returned: the
+    names to remove). A folder holding anything spg-fast did not write is refused in every mode."""
     if mode not in MODES:
         raise ValueError(f"output mode must be one of {', '.join(MODES)}, got {mode!r}")
     if out.exists() and not out.is_dir():
@@ -48,12 +61,16 @@ def check(out: Path, mode: str, compare: bool = False) -> list[str]:
         return []
     mine, other = _ours(out, compare)
     if other:
-        raise OutputError(f"--out: {out} holds files spg-fast did not write ({', '.join(other[:3])}"
-                          f"{', ...' if len(other) > 3 else ''}); choose a new or empty folder")
+        raise OutputError(
+            f"--out: {out} holds files spg-fast did not write ({', '.join(other[:3])}"
+            f"{', ...' if len(other) > 3 else ''}); choose a new or empty folder"
+        )
     if mine and mode == "new":
-        raise OutputError(f"--out: {out} holds an earlier run ({', '.join(mine[:3])}"
-                          f"{', ...' if len(mine) > 3 else ''}); pass --resume to continue it or --overwrite to "
-                          "replace it")
+        raise OutputError(
+            f"--out: {out} holds an earlier run ({', '.join(mine[:3])}"
+            f"{', ...' if len(mine) > 3 else ''}); pass --resume to continue it or --overwrite to "
+            "replace it"
+        )
     return mine if mode == "overwrite" else []
 
 
@@ -72,7 +89,8 @@ def prepare(out: Path, remove: list[str]) -> None:
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``path`` through a temporary file and a rename, so it is either the old or the new content."""
+    """Write ``path`` through a temporary file and a rename, so it is either the old or the
+    new content."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
@@ -98,7 +116,9 @@ def load_checkpoint(out: Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: torch raises several types
-        raise OutputError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise OutputError(
+            f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise OutputError(f"--resume: {path} is not a checkpoint of this spg-fast version")
     return state

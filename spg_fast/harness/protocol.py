@@ -1,7 +1,8 @@
-"""Protocol presets: ``quick`` (the embedded digits in seconds on a CPU) and ``paper`` (the authors' setting,
-UIC-Liu-Lab/SPG's configuration files: SGD lr 0.25 divided by 3 on a plateau down to 1e-3, patience 5, up to 500
-epochs, batch 64, their per-sequence dropout rates, heads' gradient norm clipped at 10000, inputs standardised).
-``resolve`` fills every setting not given explicitly from the preset and says which those were."""
+"""Protocol presets: ``quick`` (the embedded digits in seconds on a CPU) and ``paper`` (the authors'
+setting, UIC-Liu-Lab/SPG's configuration files: SGD lr 0.25 divided by 3 on a plateau down to 1e-3,
+patience 5, up to 500 epochs, batch 64, their per-sequence dropout rates, heads' gradient norm
+clipped at 10000, inputs standardised). ``resolve`` fills every setting not given explicitly from
+the preset and says which those were."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from spg_fast.harness.config import ConfigError, TrainConfig
 
 PROTOCOLS = ("quick", "paper")
 
-# Starting and lowest learning rate per optimizer (quick protocol): SGD's are the harness's measured defaults on
-# digits; momentum 0.9 multiplies SGD's effective step by 10, so its rates are a tenth; AdamW's are its usual 1e-3.
+# Starting and lowest learning rate per optimizer (quick protocol): SGD's are the harness's measured
+# defaults on digits; momentum 0.9 multiplies SGD's effective step by 10, so its rates are a tenth;
+# AdamW's are its usual 1e-3.
 QUICK_LR = {"sgd": (0.1, 1e-3), "sgd-momentum": (0.01, 1e-4), "adamw": (1e-3, 1e-5)}
 
 # The authors' tuned (conv, fc) dropout rates (their conf/appr/spg.yaml, drop1/drop2).
@@ -31,34 +33,58 @@ VECTOR_SEQUENCES = ("digits", "digits-permuted")
 
 
 def preset(protocol: str, sequence: str, optimizer: str = "sgd") -> dict[str, Any]:
-    """Every setting of ``protocol`` for ``sequence`` with ``optimizer``. The paper's learning rates are for SGD;
-    with another optimizer the paper preset keeps the quick protocol's rates for it."""
+    """Every setting of ``protocol`` for ``sequence`` with ``optimizer``. The paper's learning rates
+    are for SGD; with another optimizer the paper preset keeps the quick protocol's rates for it."""
     if protocol not in PROTOCOLS:
         raise ConfigError("protocol", f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if optimizer not in QUICK_LR:
         raise ConfigError("optimizer", f"must be one of {', '.join(QUICK_LR)}, got {optimizer!r}")
     lr, lr_min = QUICK_LR[optimizer]
-    values = dict(optimizer=optimizer, lr=lr, lr_min=lr_min, lr_factor=3.0, lr_patience=3, max_epochs=60,
-                  batch_size=64, schedule="divide-stop", shuffle="epoch", dropout_conv=0.0, dropout_fc=0.0,
-                  clip_heads=0.0, normalize=False, bn_stats="shared")
+    values = dict(
+        optimizer=optimizer,
+        lr=lr,
+        lr_min=lr_min,
+        lr_factor=3.0,
+        lr_patience=3,
+        max_epochs=60,
+        batch_size=64,
+        schedule="divide-stop",
+        shuffle="epoch",
+        dropout_conv=0.0,
+        dropout_fc=0.0,
+        clip_heads=0.0,
+        normalize=False,
+        bn_stats="shared",
+    )
     if protocol == "paper":
         conv, fc = PAPER_DROPOUT.get(sequence, (0.0, 0.0))
-        values.update(lr_patience=5, max_epochs=500, schedule="plateau", shuffle="once", dropout_conv=conv,
-                      dropout_fc=fc, clip_heads=10_000.0, normalize=sequence not in VECTOR_SEQUENCES)
+        values.update(
+            lr_patience=5,
+            max_epochs=500,
+            schedule="plateau",
+            shuffle="once",
+            dropout_conv=conv,
+            dropout_fc=fc,
+            clip_heads=10_000.0,
+            normalize=sequence not in VECTOR_SEQUENCES,
+        )
         if optimizer == "sgd":
             values.update(lr=0.25, lr_min=1e-3)
     return values
 
 
-def resolve(protocol: str, sequence: str, explicit: Mapping[str, Any] | None = None
-            ) -> tuple[TrainConfig, list[str]]:
-    """The ``TrainConfig`` of ``protocol`` for ``sequence`` with the ``explicit`` settings overriding the preset,
-    and the names of the settings that came from the preset."""
+def resolve(
+    protocol: str, sequence: str, explicit: Mapping[str, Any] | None = None
+) -> tuple[TrainConfig, list[str]]:
+    """The ``TrainConfig`` of ``protocol`` for ``sequence`` with the ``explicit`` settings
+    overriding the preset, and the names of the settings that came from the preset."""
     explicit = dict(explicit or {})
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(explicit.keys() - names)
     if unknown:
-        raise ConfigError(unknown[0], f"not a TrainConfig setting (settings: {', '.join(sorted(names))})")
+        raise ConfigError(
+            unknown[0], f"not a TrainConfig setting (settings: {', '.join(sorted(names))})"
+        )
     values = preset(protocol, sequence, explicit.get("optimizer", "sgd"))
     values.update(explicit)
     return TrainConfig(**values), [n for n in values if n not in explicit]

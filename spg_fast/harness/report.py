@@ -13,8 +13,9 @@ from spg_fast.harness.outputs import write_atomic
 
 
 def _pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn: importing it takes 0.4 s,
-    which every process of a run under torchrun would pay, although only rank 0 draws."""
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn: importing it
+    takes 0.4 s, which every process of a run under torchrun would pay, although only
+    rank 0 draws."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,19 +46,23 @@ def _csv(rows: list[list[Any]]) -> str:
 
 
 def write_run(out: Path, result: dict[str, Any]) -> None:
-    """acc_matrix.csv, acc_matrix.png, then results.json (last: its presence marks a finished run) in ``out``."""
+    """acc_matrix.csv, acc_matrix.png, then results.json (last: its presence marks a finished run)
+    in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     t = len(result["acc_matrix"])
     rows = [["after_task"] + [f"task_{j}" for j in range(t)]]
-    rows += [[i] + [f"{v:.6f}" for v in row] + [""] * (t - len(row)) for i, row in enumerate(result["acc_matrix"])]
+    rows += [
+        [i] + [f"{v:.6f}" for v in row] + [""] * (t - len(row))
+        for i, row in enumerate(result["acc_matrix"])
+    ]
     write_atomic(out / "acc_matrix.csv", _csv(rows))
     plot_run(result, out / "acc_matrix.png")
     write_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
 
 
 def colour_range(values: list[float]) -> tuple[float, float]:
-    """The colour scale of the accuracy heatmap: the data's own range (widened to at least 0.01 so equal values
-    still map to a colour), so 0.97 and 1.00 look different."""
+    """The colour scale of the accuracy heatmap: the data's own range (widened to at least 0.01 so
+    equal values still map to a colour), so 0.97 and 1.00 look different."""
     low, high = min(values), max(values)
     if high - low < 0.01:
         mid = (low + high) / 2
@@ -77,16 +82,33 @@ def plot_run(result: dict[str, Any], path: Path) -> None:
     for i in range(t):
         for j in range(i + 1):
             dark = (grid[i][j] - low) / (high - low) < 0.6
-            ax1.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", fontsize=8 if t <= 10 else 5,
-                     color="white" if dark else "black")
-    ax1.set(xlabel="evaluated on task j", ylabel="after learning task i", xticks=range(t), yticks=range(t),
-            title=f"accuracy matrix R[i][j] (colours span {low:.3f}-{high:.3f})")
+            ax1.text(
+                j,
+                i,
+                f"{grid[i][j]:.3f}",
+                ha="center",
+                va="center",
+                fontsize=8 if t <= 10 else 5,
+                color="white" if dark else "black",
+            )
+    ax1.set(
+        xlabel="evaluated on task j",
+        ylabel="after learning task i",
+        xticks=range(t),
+        yticks=range(t),
+        title=f"accuracy matrix R[i][j] (colours span {low:.3f}-{high:.3f})",
+    )
     fig.colorbar(im, ax=ax1, fraction=0.046)
     for j in range(t):
         ax2.plot(range(j, t), [matrix[i][j] for i in range(j, t)], marker="o", label=f"task {j}")
     margin = (high - low) * 0.05
-    ax2.set(xlabel="after learning task", ylabel="test accuracy", ylim=(low - margin, high + margin), xticks=range(t),
-            title=f"ACC {result['acc']:.3f}, forgetting {result['forgetting']:.3f}")
+    ax2.set(
+        xlabel="after learning task",
+        ylabel="test accuracy",
+        ylim=(low - margin, high + margin),
+        xticks=range(t),
+        title=f"ACC {result['acc']:.3f}, forgetting {result['forgetting']:.3f}",
+    )
     ax2.legend(fontsize=7, ncol=2)
     fig.suptitle(f"{result['method']} on {result['sequence']}")
     fig.tight_layout()
@@ -106,7 +128,11 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in METRICS:
             values = [r[key] for r in runs]
             mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            std = (
+                math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                if len(values) > 1
+                else 0.0
+            )
             row[key] = {"mean": mean, "std": std}
         rows.append(row)
     return rows
@@ -122,40 +148,80 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(out: Path, sequence: str, results: list[dict[str, Any]], rows: list[dict[str, Any]],
-                     planned: int) -> None:
-    """comparison.{json,md,csv,png}; with fewer than ``planned`` runs finished they say it is partial."""
+def write_comparison(
+    out: Path,
+    sequence: str,
+    results: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    planned: int,
+) -> None:
+    """comparison.{json,md,csv,png}; with fewer than ``planned`` runs finished they say it
+    is partial."""
     out.mkdir(parents=True, exist_ok=True)
-    partial = f"partial: {len(results)} of {planned} runs finished\n\n" if len(results) < planned else ""
-    write_atomic(out / "comparison.json", json.dumps({"sequence": sequence, "runs_finished": len(results),
-                                                      "runs_planned": planned, "summary": rows}, indent=2) + "\n")
+    partial = (
+        f"partial: {len(results)} of {planned} runs finished\n\n" if len(results) < planned else ""
+    )
+    write_atomic(
+        out / "comparison.json",
+        json.dumps(
+            {
+                "sequence": sequence,
+                "runs_finished": len(results),
+                "runs_planned": planned,
+                "summary": rows,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     write_atomic(out / "comparison.md", partial + comparison_table(rows) + "\n")
     table = [["method", "seeds"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]]
-    table += [[row["method"], len(row["seeds"])] + [f"{row[k][s]:.6f}" for k in METRICS for s in ("mean", "std")]
-              for row in rows]
+    table += [
+        [row["method"], len(row["seeds"])]
+        + [f"{row[k][s]:.6f}" for k in METRICS for s in ("mean", "std")]
+        for row in rows
+    ]
     write_atomic(out / "comparison.csv", _csv(table))
-    plot_comparison(sequence + (" (partial)" if partial else ""), results, rows, out / "comparison.png")
+    plot_comparison(
+        sequence + (" (partial)" if partial else ""), results, rows, out / "comparison.png"
+    )
 
 
-def plot_comparison(sequence: str, results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
-    """Bars of ACC and forgetting (mean ± std over seeds), and average accuracy over the sequence per method."""
+def plot_comparison(
+    sequence: str, results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path
+) -> None:
+    """Bars of ACC and forgetting (mean ± std over seeds), and average accuracy over the sequence
+    per method."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     methods = [r["method"] for r in rows]
     width = 0.38
     for k, (key, label) in enumerate((("acc", "ACC"), ("forgetting", "forgetting"))):
         xs = [i + (k - 0.5) * width for i in range(len(methods))]
-        ax1.bar(xs, [r[key]["mean"] for r in rows], width, yerr=[r[key]["std"] for r in rows], capsize=4,
-                label=label)
-    ax1.set(xticks=range(len(methods)), xticklabels=methods, ylim=(0, 1.05), title="after the last task")
+        ax1.bar(
+            xs,
+            [r[key]["mean"] for r in rows],
+            width,
+            yerr=[r[key]["std"] for r in rows],
+            capsize=4,
+            label=label,
+        )
+    ax1.set(
+        xticks=range(len(methods)), xticklabels=methods, ylim=(0, 1.05), title="after the last task"
+    )
     ax1.legend()
     for method in methods:
         runs = [r for r in results if r["method"] == method]
         t = len(runs[0]["acc_matrix"])
         curve = [sum(sum(r["acc_matrix"][i]) / (i + 1) for r in runs) / len(runs) for i in range(t)]
         ax2.plot(range(t), curve, marker="o", label=method)
-    ax2.set(xlabel="after learning task", ylabel="average accuracy on tasks so far", ylim=(0, 1.02), xticks=range(t),
-            title="over the sequence (mean over seeds)")
+    ax2.set(
+        xlabel="after learning task",
+        ylabel="average accuracy on tasks so far",
+        ylim=(0, 1.02),
+        xticks=range(t),
+        title="over the sequence (mean over seeds)",
+    )
     ax2.legend()
     fig.suptitle(f"methods compared on {sequence}")
     fig.tight_layout()

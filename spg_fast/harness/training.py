@@ -1,6 +1,6 @@
-"""The training protocol (SGD or another optimizer; learning rate divided on a validation-loss plateau; early
-stopping; best weights restored) and the methods it compares: ``spg`` (through the public integration, as a user
-writes it), ``finetune`` and ``one``."""
+"""The training protocol (SGD or another optimizer; learning rate divided on a validation-loss
+plateau; early stopping; best weights restored) and the methods it compares: ``spg`` (through the
+public integration, as a user writes it), ``finetune`` and ``one``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from spg_fast.spg import SPG
 
 METHODS = ("spg", "finetune", "one")
 
-# The authors' input standardisation (per channel): ImageNet's statistics for colour images, MNIST's for grey ones.
+# The authors' input standardisation (per channel): ImageNet's statistics for colour images, MNIST's
+# for grey ones.
 NORMALIZATION = {3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 1: ((0.1307,), (0.3081,))}
 EVAL_BATCH = 512  # samples per forward and rank when evaluating
 
@@ -31,20 +32,26 @@ EpochLog = Callable[[dict[str, Any]], None]
 
 
 class Inputs:
-    """Turns stored samples into model inputs on ``device``: uint8 images scaled to [0, 1], then (``normalize``)
-    standardised per channel. Over several processes (``ranks``) each rank gets its share of every batch."""
+    """Turns stored samples into model inputs on ``device``: uint8 images scaled to [0, 1], then
+    (``normalize``) standardised per channel. Over several processes (``ranks``) each rank gets its
+    share of every batch."""
 
-    def __init__(self, seq: TaskSequence, cfg: TrainConfig, device: torch.device, ranks: Ranks | None = None
-                 ) -> None:
+    def __init__(
+        self, seq: TaskSequence, cfg: TrainConfig, device: torch.device, ranks: Ranks | None = None
+    ) -> None:
         self.device = device
         self.ranks = ranks or Ranks(device=device)
         self.stats: tuple[Tensor, Tensor] | None = None
         if cfg.normalize:
             channels = seq.input_shape[0] if len(seq.input_shape) == 3 else None
             if channels not in NORMALIZATION:
-                raise ConfigError("normalize", f"defined for grey or colour images, not inputs of shape "
-                                  f"{seq.input_shape}")
-            mean, std = (torch.tensor(v, device=device).view(-1, 1, 1) for v in NORMALIZATION[channels])
+                raise ConfigError(
+                    "normalize",
+                    f"defined for grey or colour images, not inputs of shape {seq.input_shape}",
+                )
+            mean, std = (
+                torch.tensor(v, device=device).view(-1, 1, 1) for v in NORMALIZATION[channels]
+            )
             self.stats = (mean, std)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -52,17 +59,21 @@ class Inputs:
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         return (x - self.stats[0]) / self.stats[1] if self.stats else x
 
-    def shares(self, split: Split, batch_size: int, order: Tensor | None = None
-               ) -> Iterator[tuple[Tensor, Tensor, float]]:
-        """This rank's share (x, y) of each mini-batch of ``split`` in ``order`` (stored order without), and the
-        batch's size over the number of ranks: dividing the share's summed loss by it, the ranks' averaged
-        gradients are the whole batch's mean gradient (one process: the share is the batch, the loss its mean)."""
+    def shares(
+        self, split: Split, batch_size: int, order: Tensor | None = None
+    ) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """This rank's share (x, y) of each mini-batch of ``split`` in ``order`` (stored order
+        without), and the batch's size over the number of ranks: dividing the share's summed loss by
+        it, the ranks' averaged gradients are the whole batch's mean gradient (one process: the
+        share is the batch, the loss its mean)."""
         order = torch.arange(len(split)) if order is None else order
         for idx in order.split(batch_size):
             mine = self.ranks.share(idx)
             yield self(split.x[mine]), split.y[mine].to(self.device), len(idx) / self.ranks.world
 
-    def batches(self, split: Split, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(
+        self, split: Split, batch_size: int, order: Tensor | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's share (x, y) of each mini-batch, as ``shares``."""
         for x, y, _ in self.shares(split, batch_size, order):
             yield x, y
@@ -70,9 +81,9 @@ class Inputs:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: int, split: Split, inputs: Inputs) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model``'s head ``task`` on ``split``. Over several processes each rank evaluates
-    its share of every batch (a DDP model through its inner module, an FSDP2 one in step with the other ranks) and
-    the sums are added up: every rank gets the same numbers."""
+    """(mean loss, accuracy) of ``model``'s head ``task`` on ``split``. Over several processes each
+    rank evaluates its share of every batch (a DDP model through its inner module, an FSDP2 one in
+    step with the other ranks) and the sums are added up: every rank gets the same numbers."""
     model.eval()
     net = inner_module(model)
     loss = correct = 0.0
@@ -85,8 +96,8 @@ def evaluate(model: nn.Module, task: int, split: Split, inputs: Inputs) -> tuple
 
 
 class _DivideStop:
-    """Divide the LR by ``lr_factor`` after ``lr_patience`` epochs without a lower validation loss; stop when it
-    would fall below ``lr_min``."""
+    """Divide the LR by ``lr_factor`` after ``lr_patience`` epochs without a lower validation loss;
+    stop when it would fall below ``lr_min``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
         self.optimizer, self.cfg, self.patience, self.lr = optimizer, cfg, cfg.lr_patience, cfg.lr
@@ -108,13 +119,18 @@ class _DivideStop:
 
 
 class _Plateau:
-    """The authors' rule: torch's ReduceLROnPlateau (factor 1/``lr_factor``, down to ``lr_min``) and a stop after
-    ``lr_patience`` epochs without a lower validation loss at ``lr_min``."""
+    """The authors' rule: torch's ReduceLROnPlateau (factor 1/``lr_factor``, down to ``lr_min``) and
+    a stop after ``lr_patience`` epochs without a lower validation loss at ``lr_min``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
         self.cfg, self.optimizer, self.waited = cfg, optimizer, 0
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=1 / cfg.lr_factor, patience=cfg.lr_patience - 1, min_lr=cfg.lr_min)
+            optimizer,
+            mode="min",
+            factor=1 / cfg.lr_factor,
+            patience=cfg.lr_patience - 1,
+            min_lr=cfg.lr_min,
+        )
 
     def stop_after(self, improved: bool, val_loss: float) -> bool:
         at_min = self.optimizer.param_groups[0]["lr"] <= self.cfg.lr_min
@@ -128,13 +144,21 @@ class _Plateau:
 SCHEDULERS = {"divide-stop": _DivideStop, "plateau": _Plateau}
 
 
-def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, task: int, seq: TaskSequence,
-               cfg: TrainConfig, inputs: Inputs, generator: torch.Generator, on_epoch: EpochLog | None = None
-               ) -> int:
-    """Train head ``task`` and the trunk under ``cfg.schedule`` and restore the weights of the epoch with the
-    lowest validation loss (a non-finite validation loss also restores them, as the authors' code does). Returns
-    the number of epochs run. ``model`` may be wrapped for several processes (``inputs.ranks``): every rank then
-    trains on its share of each batch, and all take the same validation decisions."""
+def train_task(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: int,
+    seq: TaskSequence,
+    cfg: TrainConfig,
+    inputs: Inputs,
+    generator: torch.Generator,
+    on_epoch: EpochLog | None = None,
+) -> int:
+    """Train head ``task`` and the trunk under ``cfg.schedule`` and restore the weights of the epoch
+    with the lowest validation loss (a non-finite validation loss also restores them, as the
+    authors' code does). Returns the number of epochs run. ``model`` may be wrapped for several
+    processes (``inputs.ranks``): every rank then trains on its share of each batch, and all take
+    the same validation decisions."""
     data = seq.tasks[task]
     schedule = SCHEDULERS[cfg.schedule](optimizer, cfg)
     heads = list(inner_module(model).heads.parameters())
@@ -144,7 +168,9 @@ def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, task: int, se
         start = time.perf_counter()
         model.train()
         total = torch.zeros((), device=inputs.device)
-        epoch_order = order if order is not None else torch.randperm(len(data.train), generator=generator)
+        epoch_order = (
+            order if order is not None else torch.randperm(len(data.train), generator=generator)
+        )
         for x, y, per_rank in inputs.shares(data.train, cfg.batch_size, epoch_order):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x, task), y, reduction="sum") / per_rank
@@ -162,10 +188,18 @@ def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, task: int, se
         elif not math.isfinite(val_loss):
             model.load_state_dict(best_state)
         if on_epoch:
-            on_epoch({"task": task, "epoch": epoch, "train_loss": train_loss,
-                      "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": time.perf_counter() - start, "restored": not improved and
-                      not math.isfinite(val_loss)})
+            on_epoch(
+                {
+                    "task": task,
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - start,
+                    "restored": not improved and not math.isfinite(val_loss),
+                }
+            )
         if schedule.stop_after(improved, val_loss):
             break
     model.load_state_dict(best_state)
@@ -184,8 +218,11 @@ def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
 
 
 def _bn_buffers(model: nn.Module) -> dict[str, Tensor]:
-    return {name: buf.clone() for name, buf in model.named_buffers()
-            if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.modules.batchnorm._BatchNorm)}
+    return {
+        name: buf.clone()
+        for name, buf in model.named_buffers()
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.modules.batchnorm._BatchNorm)
+    }
 
 
 def _load_buffers(model: nn.Module, buffers: dict[str, Tensor]) -> None:
@@ -195,16 +232,25 @@ def _load_buffers(model: nn.Module, buffers: dict[str, Tensor]) -> None:
 
 
 class Learner:
-    """One method's view of the sequence: which model answers for a task, and what happens after each task.
+    """One method's view of the sequence: which model answers for a task, and what happens after
+    each task.
 
-    ``spg`` and ``finetune`` train one network; ``one`` a new one per task. Every task gets a fresh optimizer (as
-    in the authors' code), wrapped with ``spg.wrap`` for ``spg``. With ``cfg.bn_stats == "per-task"`` the
-    BatchNorm statistics are stored at each task's end and swapped in to evaluate that task. Over several
-    processes (``ranks``) each network is trained wrapped (DDP or FSDP2); ``models`` holds the networks
-    themselves, whose parameter names and checkpoints are those of one process."""
+    ``spg`` and ``finetune`` train one network; ``one`` a new one per task. Every task gets a fresh
+    optimizer (as in the authors' code), wrapped with ``spg.wrap`` for ``spg``. With
+    ``cfg.bn_stats == "per-task"`` the BatchNorm statistics are stored at each task's end and
+    swapped in to evaluate that task. Over several processes (``ranks``) each network is trained
+    wrapped (DDP or FSDP2); ``models`` holds the networks themselves, whose parameter names and
+    checkpoints are those of one process."""
 
-    def __init__(self, method: str, make_model: Callable[[], MultiHeadNet], device: torch.device, cfg: TrainConfig,
-                 backend: str = "auto", ranks: Ranks | None = None) -> None:
+    def __init__(
+        self,
+        method: str,
+        make_model: Callable[[], MultiHeadNet],
+        device: torch.device,
+        cfg: TrainConfig,
+        backend: str = "auto",
+        ranks: Ranks | None = None,
+    ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         self.method, self.make_model, self.device, self.cfg = method, make_model, device, cfg
@@ -238,10 +284,11 @@ class Learner:
         return self.wrapped[task] if self.method == "one" else self.wrapped[0]
 
     def end_task(self, task: int, seq: TaskSequence, inputs: Inputs) -> float:
-        """Store the task's BatchNorm statistics (per-task) and run SPG's importance pass; returns the seconds the
-        pass took (0 for the other methods). The pass runs the model in train mode; the BatchNorm statistics are
-        kept as training left them. Over several processes each rank passes its share of every batch, with the
-        training loss's weighting, and SPG combines the ranks' gradient sums."""
+        """Store the task's BatchNorm statistics (per-task) and run SPG's importance pass; returns
+        the seconds the pass took (0 for the other methods). The pass runs the model in train mode;
+        the BatchNorm statistics are kept as training left them. Over several processes each rank
+        passes its share of every batch, with the training loss's weighting, and SPG combines the
+        ranks' gradient sums."""
         model = inner_module(self.model_for(task))
         if self.cfg.bn_stats == "per-task":
             self.bn_stats.append(_bn_buffers(model))
@@ -249,13 +296,18 @@ class Learner:
             return 0.0
         kept = _bn_buffers(model)
         start = time.perf_counter()
-        self.spg.end_task(task, list(inputs.shares(seq.tasks[task].train, self.cfg.batch_size)),
-                          loss_fn=_share_loss, prepare_batch=_share_batch)
+        self.spg.end_task(
+            task,
+            list(inputs.shares(seq.tasks[task].train, self.cfg.batch_size)),
+            loss_fn=_share_loss,
+            prepare_batch=_share_batch,
+        )
         _load_buffers(model, kept)
         return time.perf_counter() - start
 
     def test(self, task: int, seq: TaskSequence, inputs: Inputs) -> float:
-        """Test accuracy on ``task`` (with that task's BatchNorm statistics when they are per task)."""
+        """Test accuracy on ``task`` (with that task's BatchNorm statistics when they are
+        per task)."""
         model = self.model_for(task)
         net = inner_module(model)
         if not self.bn_stats:
@@ -268,11 +320,14 @@ class Learner:
             _load_buffers(net, current)
 
     def state_dict(self) -> dict[str, Any]:
-        """The networks (whole tensors, also when sharded: every rank must call this), the BatchNorm statistics
-        and SPG's state."""
+        """The networks (whole tensors, also when sharded: every rank must call this), the BatchNorm
+        statistics and SPG's state."""
         full = self.ranks.full
-        return {"models": [full(m.state_dict()) for m in self.models], "bn_stats": self.bn_stats,
-                "spg": full(self.spg.state_dict()) if self.spg else None}
+        return {
+            "models": [full(m.state_dict()) for m in self.models],
+            "bn_stats": self.bn_stats,
+            "spg": full(self.spg.state_dict()) if self.spg else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         while len(self.models) < len(state["models"]):
@@ -290,12 +345,14 @@ def _share_batch(batch: tuple[Tensor, Tensor, float]) -> tuple[Tensor, tuple[Ten
 
 
 def _share_loss(logits: Tensor, target: tuple[Tensor, float]) -> Tensor:
-    """The importance pass's loss for the task's head: as in training (``Inputs.shares``), so that the ranks'
-    gradient sums add up to one process's."""
+    """The importance pass's loss for the task's head: as in training (``Inputs.shares``), so that
+    the ranks' gradient sums add up to one process's."""
     y, per_rank = target
     return F.cross_entropy(logits, y, reduction="sum") / per_rank
 
 
 def model_factory(backbone: str, seq: TaskSequence, cfg: TrainConfig) -> Callable[[], MultiHeadNet]:
     heads = [t.n_classes for t in seq.tasks]
-    return lambda: build_model(backbone, seq.input_shape, heads, cfg.dropout_conv, cfg.dropout_fc, seq.image_shape)
+    return lambda: build_model(
+        backbone, seq.input_shape, heads, cfg.dropout_conv, cfg.dropout_fc, seq.image_shape
+    )

@@ -1,5 +1,5 @@
-"""SPG in Lightning: a callback that masks gradients before each optimizer step, ends a task after each ``fit`` and
-keeps SPG's state in Lightning's checkpoints."""
+"""SPG in Lightning: a callback that masks gradients before each optimizer step, ends a task after
+each ``fit`` and keeps SPG's state in Lightning's checkpoints."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from spg_fast.spg import SPG
 try:
     import lightning.pytorch as pl
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("spg_fast.integrations.lightning needs the lightning package: "
-                      "pip install 'spg-fast[lightning]'") from err
+    raise ImportError(
+        "spg_fast.integrations.lightning needs the lightning package: "
+        "pip install 'spg-fast[lightning]'"
+    ) from err
 
 _WHERE = "spg_fast.integrations.lightning.SPGCallback"
 
@@ -28,16 +30,19 @@ _WHERE = "spg_fast.integrations.lightning.SPGCallback"
 class SPGCallback(pl.Callback):
     """Run SPG inside ``lightning.Trainer.fit``: one ``fit`` is one task.
 
-    - Masking: in ``on_before_optimizer_step`` (after backward and, with 16-bit AMP, after unscaling; before gradient
-      clipping and the step) the gradients of the optimizer about to step are soft-masked, as ``spg.wrap`` would.
-      An optimizer already masked through ``spg.wrap``, ``spg.attach`` or ``spg_fast.optim`` is refused when the fit
-      starts, as is one holding parameters that are not the SPG model's.
-    - End of task: when ``fit`` finishes (not when it fails or is interrupted), ``spg.end_task`` runs for task
-      ``spg.tasks_finished`` over the fit's train dataloader, on the device the model trained on.
-      ``end_task_options`` (``forward``, ``loss_fn``, ``prepare_batch``, ...) are passed to it unchanged; by default
-      each batch is an ``(x, y)`` pair and the loss is ``F.cross_entropy(spg.model(x, task_id), y)``.
-    - Checkpoints: ``state_dict``/``load_state_dict`` carry ``spg.state_dict()``, so every Lightning checkpoint holds
-      SPG's state and ``fit(ckpt_path=...)`` restores it (once the model is on its device).
+    - Masking: in ``on_before_optimizer_step`` (after backward and, with 16-bit AMP, after
+      unscaling; before gradient clipping and the step) the gradients of the optimizer about to step
+      are soft-masked, as ``spg.wrap`` would. An optimizer already masked through ``spg.wrap``,
+      ``spg.attach`` or ``spg_fast.optim`` is refused when the fit starts, as is one holding
+      parameters that are not the SPG model's.
+    - End of task: when ``fit`` finishes (not when it fails or is interrupted), ``spg.end_task``
+      runs for task ``spg.tasks_finished`` over the fit's train dataloader, on the device the model
+      trained on. ``end_task_options`` (``forward``, ``loss_fn``, ``prepare_batch``, ...) are passed
+      to it unchanged; by default each batch is an ``(x, y)`` pair and the loss is
+      ``F.cross_entropy(spg.model(x, task_id), y)``.
+    - Checkpoints: ``state_dict``/``load_state_dict`` carry ``spg.state_dict()``, so every
+      Lightning checkpoint holds SPG's state and ``fit(ckpt_path=...)`` restores it (once the model
+      is on its device).
 
     One training process only (a distributed run is refused).
     """
@@ -55,8 +60,8 @@ class SPGCallback(pl.Callback):
             check_model_holds(self.spg, pl_module, _WHERE)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning restores callback state before it moves the model to its device; applied now, SPG's state
-        # lands on the parameters' device.
+        # Lightning restores callback state before it moves the model to its device; applied now,
+        # SPG's state lands on the parameters' device.
         self._fitting = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -64,16 +69,20 @@ class SPGCallback(pl.Callback):
         for optimizer in trainer.optimizers:
             self._optimizers.add(optimizer)
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         self._optimizers.mask(optimizer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = trainer.train_dataloader
         if loader is None:
-            raise RuntimeError(f"{_WHERE}: the fit had no train dataloader, so task {self.spg.tasks_finished} cannot "
-                               "be measured")
-        # Lightning has already moved the model to the CPU (strategy teardown); measure where it trained.
+            raise RuntimeError(
+                f"{_WHERE}: the fit had no train dataloader, so task {self.spg.tasks_finished} "
+                "cannot be measured"
+            )
+        # Lightning has already moved the model to the CPU (strategy teardown); measure where
+        # it trained.
         device, trained_on = pl_module.device, trainer.strategy.root_device
         pl_module.to(trained_on)
         try:
@@ -85,7 +94,9 @@ class SPGCallback(pl.Callback):
         if stage == "fit":
             self._fit_over()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._fit_over()  # Lightning skips the teardown hooks when a fit fails
 
     def _fit_over(self) -> None:
@@ -100,4 +111,3 @@ class SPGCallback(pl.Callback):
             self.spg.load_state_dict(state_dict)
         else:
             self._pending_state = state_dict
-

@@ -1,4 +1,5 @@
-"""Optimizers with SPG's mask fused into the update: torch's constructor signatures plus ``spg=``."""
+"""Optimizers with SPG's mask fused into the update: torch's constructor signatures
+plus ``spg=``."""
 
 from spg_fast.optim.adam import Adam, AdamW
 from spg_fast.optim.sgd import SGD

@@ -1,4 +1,5 @@
-"""What the fused masked optimizers share: construction checks, the per-step mask plan, GradScaler and closures."""
+"""What the fused masked optimizers share: construction checks, the per-step mask plan, GradScaler
+and closures."""
 
 from __future__ import annotations
 
@@ -16,40 +17,52 @@ from spg_fast.spg import SPG
 
 
 def check_hyperparameters(**values: float | Tensor) -> None:
-    """Non-negative hyperparameters, with torch's messages (``Invalid learning rate: -1``); ``lr`` may be a
-    one-element floating-point tensor, as in torch's optimizers (read on the device by the kernels)."""
-    names = {"lr": "learning rate", "eps": "epsilon value", "weight_decay": "weight_decay value",
-             "momentum": "momentum value", "dampening": "dampening value"}
+    """Non-negative hyperparameters, with torch's messages (``Invalid learning rate: -1``); ``lr``
+    may be a one-element floating-point tensor, as in torch's optimizers (read on the device by
+    the kernels)."""
+    names = {
+        "lr": "learning rate",
+        "eps": "epsilon value",
+        "weight_decay": "weight_decay value",
+        "momentum": "momentum value",
+        "dampening": "dampening value",
+    }
     for key, value in values.items():
         if isinstance(value, Tensor):
             if key != "lr":
                 raise TypeError(f"{key} as a Tensor is not supported; pass a float")
             if value.numel() != 1 or not value.is_floating_point():
-                raise ValueError(f"Tensor lr must be a one-element floating-point tensor, got {value.dtype} of "
-                                 f"shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"Tensor lr must be a one-element floating-point tensor, got {value.dtype} of "
+                    f"shape {tuple(value.shape)}"
+                )
             value = float(value)
         if not value >= 0.0:
             raise ValueError(f"Invalid {names[key]}: {value}")
 
 
 def _check_types(params: list[Tensor], where: str) -> None:
-    """Refuse tensor subclasses other than FSDP2's DTensor (whose local shards the steps update): the fused steps
-    address a tensor's memory directly."""
+    """Refuse tensor subclasses other than FSDP2's DTensor (whose local shards the steps update):
+    the fused steps address a tensor's memory directly."""
     for p in params:
         if type(p) not in (Tensor, torch.nn.Parameter) and not sharded.is_sharded(p):
-            raise TypeError(f"{where}: a parameter of shape {tuple(p.shape)} is a {type(p).__name__}; "
-                            "spg_fast.optim steps plain tensors and FSDP2's DTensors only. Wrap a torch.optim "
-                            "optimizer with spg.wrap instead")
+            raise TypeError(
+                f"{where}: a parameter of shape {tuple(p.shape)} is a {type(p).__name__}; "
+                "spg_fast.optim steps plain tensors and FSDP2's DTensors only. Wrap a torch.optim "
+                "optimizer with spg.wrap instead"
+            )
 
 
 class Batch(NamedTuple):
-    """Parameters of one dtype in one param group, stepped by one launch: shared ones first, then heads. For FSDP2
-    (DTensor parameters) the tensors the step updates are this rank's shards."""
+    """Parameters of one dtype in one param group, stepped by one launch: shared ones first, then
+    heads. For FSDP2 (DTensor parameters) the tensors the step updates are this rank's shards."""
 
     params: list[Tensor]  # what the step updates: the parameters, or their local shards
     factors: list[Tensor]  # the shared parameters' mask factors (the backend's)
     scale: Tensor | None  # the head scale; None before the first task (no mask)
-    state: tuple[list[Tensor], ...]  # the optimizer's state lists (local shards), as its step kernel takes them
+    state: tuple[
+        list[Tensor], ...
+    ]  # the optimizer's state lists (local shards), as its step kernel takes them
     first_step: list[bool]  # per parameter: no state before this step
     keys: list[Tensor]  # the parameters as the optimizer holds them (DTensors under FSDP2)
 
@@ -64,11 +77,12 @@ class MaskedOptimizer(Optimizer):
     """Base of ``spg_fast.optim``'s optimizers: torch's update with SPG's mask read inside it.
 
     The update equals "mask the gradient, then step torch's optimizer"; the SPG object's backend
-    (``spg_fast.backend.Ops.step_kernels``) picks how, per batch of one dtype. The Triton kernels (CUDA) and the
-    native CPU kernels (contiguous float32/float64) read the mask inside one pass and leave ``.grad`` as backward
-    produced it. Otherwise ``.grad`` is masked in place (the spec's ``grad <- grad * (1 - A)``) and torch's fused
-    kernel steps. On the CPU the native AdamW step measured 1.22x torch's unmasked fused step, mask + torch's fused
-    step 1.45-1.48x (bench/NOTES.md). All take GradScaler's ``grad_scale``/``found_inf``.
+    (``spg_fast.backend.Ops.step_kernels``) picks how, per batch of one dtype. The Triton kernels
+    (CUDA) and the native CPU kernels (contiguous float32/float64) read the mask inside one pass and
+    leave ``.grad`` as backward produced it. Otherwise ``.grad`` is masked in place (the spec's
+    ``grad <- grad * (1 - A)``) and torch's fused kernel steps. On the CPU the native AdamW step
+    measured 1.22x torch's unmasked fused step, mask + torch's fused step 1.45-1.48x
+    (bench/NOTES.md). All take GradScaler's ``grad_scale``/``found_inf``.
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any], spg: SPG) -> None:
@@ -86,7 +100,9 @@ class MaskedOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         where = f"{type(self).__name__}.add_param_group"
         _check_types(params, where)
-        if self.param_groups:  # the first groups are checked at registration, with the SPG object's message
+        if (
+            self.param_groups
+        ):  # the first groups are checked at registration, with the SPG object's message
             self.spg.check_parameters(params, where)
         super().add_param_group({**param_group, "params": params})
 
@@ -96,7 +112,9 @@ class MaskedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._batch_cache.clear()
-        if "spg" in state:  # unpickled (load_state_dict also lands here, without it): register the copy
+        if (
+            "spg" in state
+        ):  # unpickled (load_state_dict also lands here, without it): register the copy
             register(self.spg, self, type(self).__name__)
 
     def _groups_with_grads(self) -> Iterator[tuple[dict[str, Any], list[Tensor]]]:
@@ -105,13 +123,18 @@ class MaskedOptimizer(Optimizer):
             if params:
                 yield group, params
 
-    def _batches(self, params: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor], Tensor | None]]:
-        """Per dtype, the parameters (shared first, then heads), the shared ones' mask factors (the backend's, see
-        ``spg_fast.backend.Ops``) and the head scale (None before the first task: no mask)."""
+    def _batches(
+        self, params: list[Tensor]
+    ) -> Iterator[tuple[list[Tensor], list[Tensor], Tensor | None]]:
+        """Per dtype, the parameters (shared first, then heads), the shared ones' mask factors
+        (the backend's, see ``spg_fast.backend.Ops``) and the head scale (None before the first
+        task: no mask)."""
         for p in params:
             if p.grad.is_sparse:
-                raise TypeError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} has a sparse "
-                                "gradient, which is not supported")
+                raise TypeError(
+                    f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} has a sparse "
+                    "gradient, which is not supported"
+                )
         shared, factors, heads = self.spg.mask_split(params)
         batches: dict[torch.dtype, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
         for p, factor in zip(shared, factors, strict=True):
@@ -124,23 +147,34 @@ class MaskedOptimizer(Optimizer):
             yield batch_shared + batch_heads, batch_factors, self.spg.head_scale
 
     def batches(self, group: dict[str, Any], params: list[Tensor]) -> list[Batch]:
-        """The batches of one param group's step (``params``: those with a gradient), their state created.
+        """The batches of one param group's step (``params``: those with a gradient), their
+        state created.
 
         Cached per group while the same parameters have gradients, the SPG mask is unchanged
-        (``SPG.mask_generation``) and ``state`` is the same mapping of as many entries: a steady-state step only
-        reads the gradients. ``load_state_dict`` and unpickling clear the cache (``__setstate__``). A state tensor
-        replaced by hand inside an entry is not seen; load it with ``load_state_dict`` instead."""
+        (``SPG.mask_generation``) and ``state`` is the same mapping of as many entries: a
+        steady-state step only reads the gradients. ``load_state_dict`` and unpickling clear the
+        cache (``__setstate__``). A state tensor replaced by hand inside an entry is not seen; load
+        it with ``load_state_dict`` instead."""
         key = (tuple(map(id, params)), self.spg.mask_generation, id(self.state), len(self.state))
         cached = self._batch_cache.get(id(group))
         if cached is not None and cached[0] == key:
             return cached[1]
         batches = [self._batch(group, *parts) for parts in self._batches(params)]
-        # From the next step on, every one of these parameters has its state: none takes a first step.
-        self._batch_cache[id(group)] = (key, [b._replace(first_step=[False] * len(b.params)) for b in batches])
+        # From the next step on, every one of these parameters has its state: none takes a
+        # first step.
+        self._batch_cache[id(group)] = (
+            key,
+            [b._replace(first_step=[False] * len(b.params)) for b in batches],
+        )
         return batches
 
-    def _batch(self, group: dict[str, Any], params: list[Tensor], factors: list[Tensor], scale: Tensor | None
-               ) -> Batch:
+    def _batch(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        factors: list[Tensor],
+        scale: Tensor | None,
+    ) -> Batch:
         state, first = self.state_lists(group, params)
         if not sharded.is_sharded(params[0]):  # SPG takes all parameters sharded or none
             return Batch(params, factors, scale, state, first, params)
@@ -163,14 +197,22 @@ class MaskedOptimizer(Optimizer):
         return loss
 
     def kernels_for(self, tensors: list[Tensor]) -> StepKernels | None:
-        """The fused steps serving a batch (every tensor its step touches); None: mask ``.grad``, then torch's."""
+        """The fused steps serving a batch (every tensor its step touches); None: mask ``.grad``,
+        then torch's."""
         return self.spg.ops.step_kernels(tensors)
 
-    def state_lists(self, group: dict[str, Any], params: list[Tensor]) -> tuple[tuple[list[Tensor], ...], list[bool]]:
-        """The state tensors of ``params`` (created where missing), as the step kernels take them, and per parameter
-        whether this is its first step (it had no state)."""
+    def state_lists(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[tuple[list[Tensor], ...], list[bool]]:
+        """The state tensors of ``params`` (created where missing), as the step kernels take them,
+        and per parameter whether this is its first step (it had no state)."""
         raise NotImplementedError
 
-    def update_group(self, group: dict[str, Any], batches: list[Batch], grad_scale: Tensor | None,
-                     found_inf: Tensor | None) -> None:
+    def update_group(
+        self,
+        group: dict[str, Any],
+        batches: list[Batch],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
         raise NotImplementedError

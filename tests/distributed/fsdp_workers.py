@@ -1,5 +1,5 @@
-"""What each rank of the FSDP2 tests runs (a spawned process): scenarios on a ``fully_shard`` model whose
-measurements are saved to ``out/rank{r}.pt`` for the test process to check."""
+"""What each rank of the FSDP2 tests runs (a spawned process): scenarios on a ``fully_shard`` model
+whose measurements are saved to ``out/rank{r}.pt`` for the test process to check."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ FUSED_CASES = [("adamw", "torch"), ("sgd", "torch"), ("adamw", "triton")]
 
 
 class ShardNet(nn.Module):
-    """A trunk whose first layer has 33 rows (17 and 16 on two ranks) and a one-row gate (an empty shard on rank
-    1), and one head per task."""
+    """A trunk whose first layer has 33 rows (17 and 16 on two ranks) and a one-row gate (an empty
+    shard on rank 1), and one head per task."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,8 +61,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, task: int, batches: lis
 
 
 def _importance_scenario(rank: int, split: int) -> dict[str, Any]:
-    """Two tasks: train (each rank half of every batch), then end_task on each rank's share of the batches;
-    compared with one process doing the same over all the data."""
+    """Two tasks: train (each rank half of every batch), then end_task on each rank's share of the
+    batches; compared with one process doing the same over all the data."""
     tasks = make_tasks(n_tasks=N_TASKS, n_batches=8, batch=8, n_in=N_IN, seed=0)
     plain, model = _sharded()
     spg = SPG(model, heads="heads", backend="torch")
@@ -78,30 +78,42 @@ def _importance_scenario(rank: int, split: int) -> dict[str, Any]:
         report = spg.end_task(task, mine)
         single.end_task(task, batches)
         full = _full(spg)
-        result["diff"].append(max(float((full[n].double() - a.double()).abs().max())
-                                  for n, a in single.importance.items()))
+        result["diff"].append(
+            max(
+                float((full[n].double() - a.double()).abs().max())
+                for n, a in single.importance.items()
+            )
+        )
         result["importance"].append(full)
         result["head_scale"].append((float(spg.head_scale), float(single.head_scale)))
         result["reason"] = report.reason
-    _train(model, opt, N_TASKS - 1, [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
-                                      for x, y in tasks[-1][3:6]])
+    _train(
+        model,
+        opt,
+        N_TASKS - 1,
+        [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in tasks[-1][3:6]],
+    )
     _train(plain, single_opt, N_TASKS - 1, tasks[-1][3:6])
     full_params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
-    result["param_diff"] = max(float((full_params[n] - p.detach()).abs().max()) for n, p in plain.named_parameters())
+    result["param_diff"] = max(
+        float((full_params[n] - p.detach()).abs().max()) for n, p in plain.named_parameters()
+    )
     result["local_shapes"] = {n: tuple(a.to_local().shape) for n, a in spg.importance.items()}
     return result
 
 
 def _failure_scenario(rank: int, kind: str) -> dict[str, Any]:
-    """Task 1's pass or a checkpoint load fails on rank 1 only; every rank's error and whether A stayed."""
+    """Task 1's pass or a checkpoint load fails on rank 1 only; every rank's error and whether
+    A stayed."""
     tasks = make_tasks(n_tasks=N_TASKS, n_batches=4, batch=8, n_in=N_IN, seed=1)
     _, model = _sharded(seed=1)
     spg = SPG(model, heads="heads", backend="torch")
-    spg.end_task(0, tasks[0][rank * 2:(rank + 1) * 2])
+    spg.end_task(0, tasks[0][rank * 2 : (rank + 1) * 2])
     before = {n: a.to_local().clone() for n, a in spg.importance.items()}
-    batches = [(x.clone(), y) for x, y in tasks[1][rank * 2:(rank + 1) * 2]]
+    batches = [(x.clone(), y) for x, y in tasks[1][rank * 2 : (rank + 1) * 2]]
     forward: Any = None
     if rank == 1 and kind == "nan_grad":
+
         def forward(x: Tensor, head: int) -> Tensor:
             return _NanGrad.apply(model(x, head))
     elif rank == 1 and kind == "empty":
@@ -121,23 +133,31 @@ def _failure_scenario(rank: int, kind: str) -> dict[str, Any]:
         error = None
     except Exception as exc:  # the error itself is what the test checks
         error = (type(exc).__name__, str(exc))
-    unchanged = spg.tasks_finished == 1 and all(torch.equal(spg.importance[n].to_local(), a)
-                                                for n, a in before.items())
+    unchanged = spg.tasks_finished == 1 and all(
+        torch.equal(spg.importance[n].to_local(), a) for n, a in before.items()
+    )
     return {"error": error, "unchanged": unchanged}
 
 
 def _checkpoint_scenario(rank: int, folder: Path) -> dict[str, Any]:
-    """Full-tensor checkpoints between FSDP2 and plain models, and a DCP round trip into a fresh SPG."""
+    """Full-tensor checkpoints between FSDP2 and plain models, and a DCP round trip into a
+    fresh SPG."""
     tasks = make_tasks(n_tasks=N_TASKS, n_batches=4, batch=8, n_in=N_IN, seed=2)
     plain, model = _sharded(seed=2)
     spg = SPG(model, heads="heads", backend="torch")
     x, y = tasks[0][0]
     F.cross_entropy(model(x, 0), y).backward()
-    grads = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None}
-    spg.end_task(0, tasks[0][rank * 2:(rank + 1) * 2])
-    grads_kept = (grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
-                  and all(torch.equal(p.grad.to_local(), grads[n]) for n, p in model.named_parameters()
-                          if p.grad is not None))
+    grads = {
+        n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+    spg.end_task(0, tasks[0][rank * 2 : (rank + 1) * 2])
+    grads_kept = grads.keys() == {
+        n for n, p in model.named_parameters() if p.grad is not None
+    } and all(
+        torch.equal(p.grad.to_local(), grads[n])
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    )
     model.zero_grad(set_to_none=True)
     full = spg.state_dict(full=True)
     into_plain = SPG(plain, heads="heads", backend="torch")
@@ -152,44 +172,70 @@ def _checkpoint_scenario(rank: int, folder: Path) -> dict[str, Any]:
     dcp.load({"spg": SPGState(before_task)}, checkpoint_id=str(folder / "dcp0"))
     opt = spg.wrap(torch.optim.Adam(model.parameters(), lr=0.01), mask="update")
     single_opt = into_plain.wrap(torch.optim.Adam(plain.parameters(), lr=0.01), mask="update")
-    _train(model, opt, 1, [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in tasks[1][:2]])
+    _train(
+        model,
+        opt,
+        1,
+        [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in tasks[1][:2]],
+    )
     _train(plain, single_opt, 1, tasks[1][:2])
     full_params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
-    update_masked = max(float((full_params[n] - p.detach()).abs().max()) for n, p in plain.named_parameters())
+    update_masked = max(
+        float((full_params[n] - p.detach()).abs().max()) for n, p in plain.named_parameters()
+    )
     return {
         "full_importance": {n: t.clone() for n, t in full["importance"].items()},
         "grads_kept": grads_kept,
         "update_masked_diff": update_masked,
-        "plain_equal": all(torch.equal(into_plain.importance[n], full["importance"][n]) for n in full["importance"]),
-        "back_equal": all(torch.equal(back.importance[n].to_local(), a.to_local())
-                          for n, a in spg.importance.items()),
+        "plain_equal": all(
+            torch.equal(into_plain.importance[n], full["importance"][n]) for n in full["importance"]
+        ),
+        "back_equal": all(
+            torch.equal(back.importance[n].to_local(), a.to_local())
+            for n, a in spg.importance.items()
+        ),
         "back_head_scale": float(back.head_scale) == float(spg.head_scale),
-        "dcp_equal": fresh.tasks_finished == 1 and all(torch.equal(fresh.importance[n].to_local(), a.to_local())
-                                                       for n, a in spg.importance.items()),
+        "dcp_equal": fresh.tasks_finished == 1
+        and all(
+            torch.equal(fresh.importance[n].to_local(), a.to_local())
+            for n, a in spg.importance.items()
+        ),
         "dcp_head_scale": float(fresh.head_scale) == float(spg.head_scale),
         "dcp_before_first_task": before_task.tasks_finished == 0 and not before_task.importance,
     }
 
 
 def _fused_scenario(rank: int) -> dict[str, Any]:
-    """spg_fast.optim's fused steps on the shards (native CPU kernels on the torch backend, Triton's under the
-    interpreter) against the same optimizer on one process over all the data."""
+    """spg_fast.optim's fused steps on the shards (native CPU kernels on the torch backend, Triton's
+    under the interpreter) against the same optimizer on one process over all the data."""
     tasks = make_tasks(n_tasks=N_TASKS, n_batches=4, batch=8, n_in=N_IN, seed=3)
-    makers = {"adamw": lambda ps, spg: spg_fast.optim.AdamW(ps, lr=0.01, spg=spg),
-              "sgd": lambda ps, spg: spg_fast.optim.SGD(ps, lr=0.1, momentum=0.9, spg=spg)}
+    makers = {
+        "adamw": lambda ps, spg: spg_fast.optim.AdamW(ps, lr=0.01, spg=spg),
+        "sgd": lambda ps, spg: spg_fast.optim.SGD(ps, lr=0.1, momentum=0.9, spg=spg),
+    }
     result: dict[str, Any] = {}
     for name, backend in FUSED_CASES:
         plain, model = _sharded(seed=3)
         spg = SPG(model, heads="heads", backend=backend)
         single = SPG(plain, heads="heads", backend="torch")
-        spg.end_task(0, tasks[0][rank * 2:(rank + 1) * 2])
+        spg.end_task(0, tasks[0][rank * 2 : (rank + 1) * 2])
         single.end_task(0, tasks[0])
-        opt, single_opt = makers[name](model.parameters(), spg), makers[name](plain.parameters(), single)
-        _train(model, opt, 1, [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in tasks[1]])
+        opt, single_opt = (
+            makers[name](model.parameters(), spg),
+            makers[name](plain.parameters(), single),
+        )
+        _train(
+            model,
+            opt,
+            1,
+            [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in tasks[1]],
+        )
         _train(plain, single_opt, 1, tasks[1])
         full_params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
         case = f"{name}/{backend}"
-        result[case] = max(float((full_params[n] - p.detach()).abs().max()) for n, p in plain.named_parameters())
+        result[case] = max(
+            float((full_params[n] - p.detach()).abs().max()) for n, p in plain.named_parameters()
+        )
         state = next(iter(opt.state.values()))
         result[f"{case}/state"] = sorted(type(t).__name__ for k, t in state.items() if k != "step")
     return result
@@ -206,12 +252,16 @@ def _no_heads_scenario(rank: int) -> dict[str, Any]:
     spg = SPG(model, backend="torch", importance_dtype=torch.bfloat16)
     single = SPG(plain, backend="torch", importance_dtype=torch.bfloat16)
     for task, batches in enumerate(tasks):
-        spg.end_task(task, batches[rank * 2:(rank + 1) * 2])
+        spg.end_task(task, batches[rank * 2 : (rank + 1) * 2])
         single.end_task(task, batches)
     full = _full(spg)
-    return {"dtypes": sorted({str(a.dtype) for a in full.values()}),
-            "diff": max(float((full[n].float() - a.float()).abs().max()) for n, a in single.importance.items()),
-            "head_scale": (float(spg.head_scale), float(single.head_scale))}
+    return {
+        "dtypes": sorted({str(a.dtype) for a in full.values()}),
+        "diff": max(
+            float((full[n].float() - a.float()).abs().max()) for n, a in single.importance.items()
+        ),
+        "head_scale": (float(spg.head_scale), float(single.head_scale)),
+    }
 
 
 def _hsdp_scenario() -> str | None:

@@ -1,7 +1,7 @@
 """SPG under FSDP2 (``fully_shard``): 2 gloo processes on CPU against one process over all the data.
 
-The ranks run once for the module (``fsdp_workers.fsdp_scenarios``); each test checks one property of what they
-measured.
+The ranks run once for the module (``fsdp_workers.fsdp_scenarios``); each test checks one property
+of what they measured.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from spg_fast.checkpoint import SPGState
 from tests.distributed.fsdp_workers import FUSED_CASES, N_TASKS, SPLITS, ShardNet, fsdp_scenarios
 from tests.distributed.workers import WORLD, launch
 
-# Spawning two processes and importing torch in them takes most of this; a hang fails at the timeout.
+# Spawning two processes and importing torch in them takes most of this; a hang fails at
+# the timeout.
 TIMEOUT_S = 120
 
 IMPORTANCE_CASES = [f"importance/{split}" for split in SPLITS]
@@ -35,7 +36,9 @@ def ranks(folder: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("case", IMPORTANCE_CASES)
-def test_importance_matches_one_process_over_all_data(ranks: list[dict[str, Any]], case: str) -> None:
+def test_importance_matches_one_process_over_all_data(
+    ranks: list[dict[str, Any]], case: str
+) -> None:
     for result in ranks:
         diffs = result[case]["diff"]
         assert len(diffs) == N_TASKS
@@ -43,7 +46,9 @@ def test_importance_matches_one_process_over_all_data(ranks: list[dict[str, Any]
 
 
 @pytest.mark.parametrize("case", IMPORTANCE_CASES)
-def test_every_rank_gets_identical_importance_and_head_scale(ranks: list[dict[str, Any]], case: str) -> None:
+def test_every_rank_gets_identical_importance_and_head_scale(
+    ranks: list[dict[str, Any]], case: str
+) -> None:
     first = ranks[0][case]
     for other in ranks[1:]:
         for a, b in zip(first["importance"], other[case]["importance"], strict=True):
@@ -68,12 +73,22 @@ def test_masked_training_matches_one_process(ranks: list[dict[str, Any]], case: 
 
 
 @pytest.mark.parametrize("kind", ["nan_grad", "nan_loss", "empty"])
-def test_failure_on_one_rank_raises_everywhere_and_changes_nothing(ranks: list[dict[str, Any]], kind: str) -> None:
+def test_failure_on_one_rank_raises_everywhere_and_changes_nothing(
+    ranks: list[dict[str, Any]], kind: str
+) -> None:
     errors = [r[f"failure/{kind}"]["error"] for r in ranks]
     assert all(e is not None for e in errors), errors
-    expected = {"nan_grad": "FloatingPointError", "nan_loss": "FloatingPointError", "empty": "ValueError"}[kind]
+    expected = {
+        "nan_grad": "FloatingPointError",
+        "nan_loss": "FloatingPointError",
+        "empty": "ValueError",
+    }[kind]
     assert {e[0] for e in errors} == {expected}
-    words = {"nan_grad": "non-finite gradient", "nan_loss": "loss is non-finite", "empty": "no batches"}[kind]
+    words = {
+        "nan_grad": "non-finite gradient",
+        "nan_loss": "loss is non-finite",
+        "empty": "no batches",
+    }[kind]
     assert all(words in e[1] and "SPG.end_task(1)" in e[1] for e in errors), errors
     assert all(r[f"failure/{kind}"]["unchanged"] for r in ranks)
     assert all(r["in_step"] for r in ranks)
@@ -99,8 +114,18 @@ def test_shared_forward_is_refused(ranks: list[dict[str, Any]]) -> None:
         assert r["failure/shared_forward"]["unchanged"]
 
 
-@pytest.mark.parametrize("check", ["grads_kept", "plain_equal", "back_equal", "back_head_scale", "dcp_equal",
-                                   "dcp_head_scale", "dcp_before_first_task"])
+@pytest.mark.parametrize(
+    "check",
+    [
+        "grads_kept",
+        "plain_equal",
+        "back_equal",
+        "back_head_scale",
+        "dcp_equal",
+        "dcp_head_scale",
+        "dcp_before_first_task",
+    ],
+)
 def test_checkpoints(ranks: list[dict[str, Any]], check: str) -> None:
     assert all(r["checkpoint"][check] for r in ranks)
 
@@ -111,17 +136,23 @@ def test_update_masking_matches_one_process(ranks: list[dict[str, Any]]) -> None
 
 
 @pytest.mark.parametrize("case", [f"{name}/{backend}" for name, backend in FUSED_CASES])
-def test_fused_optimizers_step_the_shards_as_one_process_steps_everything(ranks: list[dict[str, Any]],
-                                                                         case: str) -> None:
+def test_fused_optimizers_step_the_shards_as_one_process_steps_everything(
+    ranks: list[dict[str, Any]], case: str
+) -> None:
     for r in ranks:
         assert r["fused"][case] < 1e-6
-        assert set(r["fused"][f"{case}/state"]) == {"DTensor"}  # the state is sharded like the parameters
+        assert set(r["fused"][f"{case}/state"]) == {
+            "DTensor"
+        }  # the state is sharded like the parameters
 
 
 # DCP warns that it loads in a single process, which is the point here.
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_dcp_checkpoint_of_two_ranks_loads_into_one_plain_process(ranks: list[dict[str, Any]], folder: Path) -> None:
-    """DCP reshards: the shards two ranks saved load as full tensors into a model that is not sharded."""
+def test_dcp_checkpoint_of_two_ranks_loads_into_one_plain_process(
+    ranks: list[dict[str, Any]], folder: Path
+) -> None:
+    """DCP reshards: the shards two ranks saved load as full tensors into a model that is
+    not sharded."""
     spg = SPG(ShardNet(), heads="heads", backend="torch")
     dcp.load({"spg": SPGState(spg)}, checkpoint_id=str(folder / "dcp"), no_dist=True)
     want = ranks[0]["checkpoint"]["full_importance"]
@@ -133,7 +164,9 @@ def test_a_model_without_heads_with_bfloat16_importance(ranks: list[dict[str, An
     for r in ranks:
         result = r["no_heads"]
         assert result["dtypes"] == ["torch.bfloat16"]
-        assert result["diff"] <= 2.0**-9  # one bfloat16 rounding of values below 1 (a float32 difference may flip it)
+        assert (
+            result["diff"] <= 2.0**-9
+        )  # one bfloat16 rounding of values below 1 (a float32 difference may flip it)
         assert abs(result["head_scale"][0] - result["head_scale"][1]) < 1e-6
 
 

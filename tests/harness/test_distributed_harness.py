@@ -1,9 +1,11 @@
-"""The harness under torchrun: 2 gloo processes on the CPU give one process's results (same accuracy matrices and
-epochs, networks and importance within float rounding), rank 0 alone prints and writes, a rank-0 failure stops every
-rank with one clear error, and the options' errors come before anything starts. A hang fails at the timeout.
+"""The harness under torchrun: 2 gloo processes on the CPU give one process's results (same accuracy
+matrices and epochs, networks and importance within float rounding), rank 0 alone prints and writes,
+a rank-0 failure stops every rank with one clear error, and the options' errors come before anything
+starts. A hang fails at the timeout.
 
-Two launches cover the three methods with DDP and with FSDP2: ``python -m torch.distributed.run`` continuing a
-one-process comparison interrupted in spg's second task (resuming under torchrun), and ``--nproc 2 --fsdp``."""
+Two launches cover the three methods with DDP and with FSDP2: ``python -m torch.distributed.run``
+continuing a one-process comparison interrupted in spg's second task (resuming under torchrun), and
+``--nproc 2 --fsdp``."""
 
 from __future__ import annotations
 
@@ -28,12 +30,24 @@ from spg_fast.harness.parallel import Ranks
 from spg_fast.harness.sequences import build_sequence
 
 METHODS = ("spg", "finetune", "one")
-COMPARE = ["compare", "--methods", ",".join(METHODS), "--seeds", "0", "--tasks", "2", "--max-epochs", "2"]
-# Importing torch, scikit-learn and matplotlib in each process takes most of a launch (about 9 s on 2 cores).
+COMPARE = [
+    "compare",
+    "--methods",
+    ",".join(METHODS),
+    "--seeds",
+    "0",
+    "--tasks",
+    "2",
+    "--max-epochs",
+    "2",
+]
+# Importing torch, scikit-learn and matplotlib in each process takes most of a launch (about 9 s
+# on 2 cores).
 TIMEOUT_S = 90
-# Float rounding only: each rank sums its half of a batch's gradient and the ranks' halves are added, where one
-# process sums the whole batch at once. Measured over these runs: networks at most 1.5e-8 apart (2 float32 ulps at
-# their magnitudes, below 0.25), importance at most 4.5e-7; the issue's bound for the importance is 1e-6.
+# Float rounding only: each rank sums its half of a batch's gradient and the ranks' halves are
+# added, where one process sums the whole batch at once. Measured over these runs: networks at
+# most 1.5e-8 apart (2 float32 ulps at their magnitudes, below 0.25), importance at most 4.5e-7; the
+# issue's bound for the importance is 1e-6.
 WEIGHTS_ATOL = 1e-7
 IMPORTANCE_ATOL = 1e-6
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
@@ -46,12 +60,19 @@ def _free_port() -> int:
 
 
 def _launch(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python argv`` in ``cwd`` with one torch thread per process; every process it started is killed at the
-    timeout, which fails the test."""
+    """``python argv`` in ``cwd`` with one torch thread per process; every process it started is
+    killed at the timeout, which fails the test."""
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -62,12 +83,25 @@ def _launch(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return _launch(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                    "-m", "spg_fast.cli", *args], cwd)
+    return _launch(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "spg_fast.cli",
+            *args,
+        ],
+        cwd,
+    )
 
 
 def _interrupted_in_spgs_second_task(out: Path) -> None:
-    """The comparison in one process, stopped by Ctrl-C in spg's task 1 (spg's task 0 checkpointed)."""
+    """The comparison in one process, stopped by Ctrl-C in spg's task 1 (spg's
+    task 0 checkpointed)."""
     real, calls = api.train_task, []
 
     def train(*args: Any, **kwargs: Any) -> int:
@@ -83,13 +117,19 @@ def _interrupted_in_spgs_second_task(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One process's comparison, and the same under DDP (resumed) and FSDP2, each in its own working folder."""
+    """One process's comparison, and the same under DDP (resumed) and FSDP2, each in its own
+    working folder."""
     root = tmp_path_factory.mktemp("harness")
     assert cli.main([*COMPARE, "--out", str(root / "single")]) == 0
     ddp = root / "ddp"
     _interrupted_in_spgs_second_task(ddp / "out")
-    done = {"ddp": _torchrun([*COMPARE, "--out", "out", "--resume"], ddp),
-            "fsdp": _launch(["-m", "spg_fast.cli", *COMPARE, "--nproc", "2", "--fsdp", "--out", "out"], root / "fsdp")}
+    done = {
+        "ddp": _torchrun([*COMPARE, "--out", "out", "--resume"], ddp),
+        "fsdp": _launch(
+            ["-m", "spg_fast.cli", *COMPARE, "--nproc", "2", "--fsdp", "--out", "out"],
+            root / "fsdp",
+        ),
+    }
     return {"root": root, **done}
 
 
@@ -100,7 +140,9 @@ def _results(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
-def test_two_processes_give_one_processs_results(launches: dict[str, Any], wrapper: str, method: str) -> None:
+def test_two_processes_give_one_processs_results(
+    launches: dict[str, Any], wrapper: str, method: str
+) -> None:
     launched = launches[wrapper]
     assert launched.returncode == 0, launched.stderr[-4000:]
     folder = launches["root"] / wrapper / "out" / f"{method}-seed0"
@@ -122,8 +164,9 @@ def test_two_processes_give_one_processs_results(launches: dict[str, Any], wrapp
         assert importance.keys() == single_learner["spg"]["importance"].keys()
         for name, a in importance.items():
             assert a.gt(0).any()
-            torch.testing.assert_close(a, single_learner["spg"]["importance"][name], rtol=0, atol=IMPORTANCE_ATOL,
-                                       msg=name)
+            torch.testing.assert_close(
+                a, single_learner["spg"]["importance"][name], rtol=0, atol=IMPORTANCE_ATOL, msg=name
+            )
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
@@ -131,8 +174,13 @@ def test_only_rank_0_prints_and_writes(launches: dict[str, Any], wrapper: str) -
     launched = launches[wrapper]
     assert launched.returncode == 0, launched.stderr[-4000:]
     work = launches["root"] / wrapper
-    assert sorted(p.name for p in work.iterdir()) == ["out"]  # no other rank's default folder or stray file
-    assert launched.stdout.count("wrote out/") == 1 and launched.stdout.count("| method | seeds |") == 1
+    assert sorted(p.name for p in work.iterdir()) == [
+        "out"
+    ]  # no other rank's default folder or stray file
+    assert (
+        launched.stdout.count("wrote out/") == 1
+        and launched.stdout.count("| method | seeds |") == 1
+    )
     launched_epochs = 0
     for method in METHODS:
         folder = work / "out" / f"{method}-seed0"
@@ -144,25 +192,37 @@ def test_only_rank_0_prints_and_writes(launches: dict[str, Any], wrapper: str) -
         # ddp continued spg after its task 0, which the one-process run had trained and logged
         launched_epochs += sum(epochs[1:] if (wrapper, method) == ("ddp", "spg") else epochs)
     assert f"2 processes ({wrapper})" in (work / "out" / "one-seed0" / "log.txt").read_text()
-    printed = [line for line in launched.stderr.splitlines() if re.search(r": task \d of 2 epoch \d", line)]
+    printed = [
+        line for line in launched.stderr.splitlines() if re.search(r": task \d of 2 epoch \d", line)
+    ]
     assert len(printed) == launched_epochs
 
 
 def test_a_failure_on_rank_0_stops_every_rank_with_one_error(tmp_path: Path) -> None:
-    """--out is checked by rank 0 alone; the other rank learns of its error instead of waiting in a collective."""
+    """--out is checked by rank 0 alone; the other rank learns of its error instead of waiting in
+    a collective."""
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     launched = _launch(["-m", "spg_fast.cli", "run", "--nproc", "2", "--out", "taken"], tmp_path)
-    assert launched.returncode == 2, launched.stderr[-4000:]  # --nproc passes on the processes' exit code
+    assert launched.returncode == 2, launched.stderr[
+        -4000:
+    ]  # --nproc passes on the processes' exit code
     errors = [line for line in launched.stderr.splitlines() if line.startswith("spg-fast: error:")]
-    assert errors == ["spg-fast: error: --out: taken holds files spg-fast did not write (notes.txt); choose a new "
-                      "or empty folder"] * 2  # each rank says why it stopped
+    assert (
+        errors
+        == [
+            "spg-fast: error: --out: taken holds files spg-fast did not write (notes.txt); choose "
+            "a new or empty folder"
+        ]
+        * 2
+    )  # each rank says why it stopped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 def test_each_rank_takes_its_contiguous_share_of_every_batch() -> None:
-    """The ranks' shares make up each batch, and their loss weights make DDP's average the batch's mean loss; a
-    batch smaller than the number of ranks leaves a rank an empty share, whose loss is 0."""
+    """The ranks' shares make up each batch, and their loss weights make DDP's average the batch's
+    mean loss; a batch smaller than the number of ranks leaves a rank an empty share, whose loss
+    is 0."""
     seq = build_sequence("digits", seed=0)
     split = seq.tasks[1].train  # 227 samples: batches of 113 and 1 with batch size 226
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
@@ -172,7 +232,9 @@ def test_each_rank_takes_its_contiguous_share_of_every_batch() -> None:
     for rank in range(2):
         ranks = Ranks()
         ranks.world, ranks.rank = 2, rank
-        shares.append(list(tr.Inputs(seq, cfg, torch.device("cpu"), ranks).shares(split, 226, order)))
+        shares.append(
+            list(tr.Inputs(seq, cfg, torch.device("cpu"), ranks).shares(split, 226, order))
+        )
     assert [len(y) for _, y, _ in one] == [226, 1]
     assert [[len(y) for _, y, _ in mine] for mine in shares] == [[113, 1], [113, 0]]
     logits = torch.randn(len(split), 3, dtype=torch.float64)
@@ -181,9 +243,17 @@ def test_each_rank_takes_its_contiguous_share_of_every_batch() -> None:
         assert torch.equal(torch.cat([mine[b][0] for mine in shares]), x)
         assert torch.equal(torch.cat([mine[b][1] for mine in shares]), y)
         start = 226 * b
-        mean = torch.nn.functional.cross_entropy(logits[start:start + len(y)], y)
-        averaged = sum(tr._share_loss(logits[start + 113 * r:start + 113 * r + len(mine[b][1])],
-                                      (mine[b][1], mine[b][2])) for r, mine in enumerate(shares)) / 2
+        mean = torch.nn.functional.cross_entropy(logits[start : start + len(y)], y)
+        averaged = (
+            sum(
+                tr._share_loss(
+                    logits[start + 113 * r : start + 113 * r + len(mine[b][1])],
+                    (mine[b][1], mine[b][2]),
+                )
+                for r, mine in enumerate(shares)
+            )
+            / 2
+        )
         torch.testing.assert_close(averaged, mean, rtol=1e-15, atol=0)
 
 
@@ -197,23 +267,31 @@ def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_fsdp_needs_several_processes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _error(["run", "--fsdp"], capsys) == ("spg-fast: error: --fsdp: shards the network over several "
-                                                 "processes: launch with torchrun --nproc-per-node N, or pass "
-                                                 "--nproc N")
-    with pytest.raises(ValueError, match=r"wrapper='fsdp' needs several processes: launch with torchrun"):
+    assert _error(["run", "--fsdp"], capsys) == (
+        "spg-fast: error: --fsdp: shards the network over several "
+        "processes: launch with torchrun --nproc-per-node N, or pass "
+        "--nproc N"
+    )
+    with pytest.raises(
+        ValueError, match=r"wrapper='fsdp' needs several processes: launch with torchrun"
+    ):
         run("digits", wrapper="fsdp", tasks=1, progress="none")
     with pytest.raises(ValueError, match=r"wrapper must be None, ddp or fsdp, got 'zero'"):
         run("digits", wrapper="zero", tasks=1, progress="none")
 
 
 @pytest.mark.parametrize("launched", [None, "2"])
-def test_batch_size_must_split_evenly_over_the_processes(launched: str | None, monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """Checked before anything starts: under torchrun (its WORLD_SIZE), or with --nproc before the launch."""
+def test_batch_size_must_split_evenly_over_the_processes(
+    launched: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before anything starts: under torchrun (its WORLD_SIZE), or with --nproc before
+    the launch."""
     if launched is None:
         argv = ["run", "--nproc", "2", "--batch-size", "63"]
     else:
         monkeypatch.setenv("WORLD_SIZE", launched)
         argv = ["run", "--batch-size", "63"]
-    assert _error(argv, capsys) == ("spg-fast: error: --batch-size: 63 does not split evenly over 2 processes; give "
-                                    "a multiple of 2")
+    assert _error(argv, capsys) == (
+        "spg-fast: error: --batch-size: 63 does not split evenly over 2 processes; give "
+        "a multiple of 2"
+    )

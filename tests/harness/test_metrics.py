@@ -6,9 +6,7 @@ import pytest
 
 from spg_fast.harness.metrics import average_accuracy, backward_transfer, forgetting, summary
 
-R = [[0.9],
-     [0.7, 0.8],
-     [0.6, 0.85, 0.95]]
+R = [[0.9], [0.7, 0.8], [0.6, 0.85, 0.95]]
 
 
 def test_hand_computed():

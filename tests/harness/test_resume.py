@@ -1,5 +1,6 @@
-"""Ctrl-C and --resume: an interrupted run stops with one line and exit code 130, keeps a checkpoint of every
-finished task, and resuming it gives exactly the metrics of an uninterrupted run (bit-identical on the CPU)."""
+"""Ctrl-C and --resume: an interrupted run stops with one line and exit code 130, keeps a checkpoint
+of every finished task, and resuming it gives exactly the metrics of an uninterrupted run
+(bit-identical on the CPU)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,24 @@ from spg_fast import cli
 from spg_fast.harness import RunInterrupted, api, run
 from spg_fast.harness.sequences import build_sequence
 
-EXACT = ("acc_matrix", "acc", "bwt", "forgetting", "acc_weighted", "bwt_weighted", "forgetting_weighted", "epochs",
-         "test_sizes", "tasks", "parameters")
+EXACT = (
+    "acc_matrix",
+    "acc",
+    "bwt",
+    "forgetting",
+    "acc_weighted",
+    "bwt_weighted",
+    "forgetting_weighted",
+    "epochs",
+    "test_sizes",
+    "tasks",
+    "parameters",
+)
 
 
 def _ctrl_c_at(monkeypatch, call: int) -> list[int]:
-    """Ctrl-C in the ``call``-th task trained (counting from 0 over all runs); returns the tasks trained."""
+    """Ctrl-C in the ``call``-th task trained (counting from 0 over all runs); returns the
+    tasks trained."""
     real, trained = api.train_task, []
 
     def train(model, optimizer, task, *args, **kwargs):
@@ -32,8 +45,21 @@ def _ctrl_c_at(monkeypatch, call: int) -> list[int]:
 
 @pytest.mark.parametrize("method", ["spg", "one"])
 def test_resumed_run_equals_uninterrupted_run(method, tmp_path, monkeypatch, capsys):
-    # dropout draws from the global RNG during training and SPG's importance pass; "one" builds a network per task
-    argv = ["run", "--method", method, "--max-epochs", "2", "--dropout-fc", "0.2", "--seed", "3", "--tasks", "3"]
+    # dropout draws from the global RNG during training and SPG's importance pass; "one" builds a
+    # network per task
+    argv = [
+        "run",
+        "--method",
+        method,
+        "--max-epochs",
+        "2",
+        "--dropout-fc",
+        "0.2",
+        "--seed",
+        "3",
+        "--tasks",
+        "3",
+    ]
     assert cli.main([*argv, "--out", str(tmp_path / "whole")]) == 0
     cut = tmp_path / "cut"
     with monkeypatch.context() as m:
@@ -41,8 +67,10 @@ def test_resumed_run_equals_uninterrupted_run(method, tmp_path, monkeypatch, cap
         assert cli.main([*argv, "--out", str(cut)]) == 130
     last = capsys.readouterr().err.splitlines()[-1]
     message, command = last.split("; continue with: ")
-    assert message == (f"spg-fast: interrupted {method} seed 3 on digits: tasks 0..1 of 3 saved in "
-                       f"{cut / 'checkpoint.pt'}")
+    assert message == (
+        f"spg-fast: interrupted {method} seed 3 on digits: tasks 0..1 of 3 saved in "
+        f"{cut / 'checkpoint.pt'}"
+    )
     assert not (cut / "results.json").exists() and (cut / "checkpoint.pt").exists()
     assert "interrupted: tasks 0..1 of 3 saved" in (cut / "log.txt").read_text()
     words = shlex.split(command)
@@ -54,8 +82,19 @@ def test_resumed_run_equals_uninterrupted_run(method, tmp_path, monkeypatch, cap
     assert resumed["resumed_at_task"] == [2] and whole["resumed_at_task"] == []
     assert "resumed from" in (cut / "log.txt").read_text()
     # resuming a finished run trains nothing and returns its results
-    assert run("digits", method, seed=3, out=cut, resume=True, config={"max_epochs": 2, "dropout_fc": 0.2},
-               progress="none", tasks=3)["acc_matrix"] == whole["acc_matrix"]
+    assert (
+        run(
+            "digits",
+            method,
+            seed=3,
+            out=cut,
+            resume=True,
+            config={"max_epochs": 2, "dropout_fc": 0.2},
+            progress="none",
+            tasks=3,
+        )["acc_matrix"]
+        == whole["acc_matrix"]
+    )
 
 
 def test_resume_refuses_a_different_run(tmp_path, monkeypatch, capsys):
@@ -65,19 +104,46 @@ def test_resume_refuses_a_different_run(tmp_path, monkeypatch, capsys):
         _ctrl_c_at(m, 1)
         with pytest.raises(RunInterrupted, match=r"tasks 0\.\.0 of 2 saved"):
             run(seq, "spg", out=tmp_path, config={"max_epochs": 1}, progress="none")
-    with pytest.raises(ValueError, match=r"--resume: .* holds a different run \(lr 0\.1 there, 0\.2 here\)"):
-        run(seq, "spg", out=tmp_path, config={"max_epochs": 1, "lr": 0.2}, progress="none", resume=True)
+    with pytest.raises(
+        ValueError, match=r"--resume: .* holds a different run \(lr 0\.1 there, 0\.2 here\)"
+    ):
+        run(
+            seq,
+            "spg",
+            out=tmp_path,
+            config={"max_epochs": 1, "lr": 0.2},
+            progress="none",
+            resume=True,
+        )
     with pytest.raises(ValueError, match="holds an earlier run"):
         run(seq, "spg", out=tmp_path, config={"max_epochs": 1})
 
 
-def test_interrupted_compare_writes_partial_table_and_resumes_unfinished_runs(tmp_path, monkeypatch, capsys):
-    argv = ["compare", "--methods", "finetune,one", "--seeds", "0", "--max-epochs", "1", "--out", str(tmp_path)]
+def test_interrupted_compare_writes_partial_table_and_resumes_unfinished_runs(
+    tmp_path, monkeypatch, capsys
+):
+    argv = [
+        "compare",
+        "--methods",
+        "finetune,one",
+        "--seeds",
+        "0",
+        "--max-epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     with monkeypatch.context() as m:
         _ctrl_c_at(m, 7)  # finetune's 5 tasks, then "one"'s tasks 0, 1 and the Ctrl-C in its task 2
         assert cli.main(argv) == 130
-    assert capsys.readouterr().err.splitlines()[-1].startswith(
-        f"spg-fast: interrupted one seed 0 on digits: tasks 0..1 of 5 saved in {tmp_path / 'one-seed0'}")
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(
+            "spg-fast: interrupted one seed 0 on digits: tasks 0..1 of 5 saved in "
+            f"{tmp_path / 'one-seed0'}"
+        )
+    )
     assert (tmp_path / "comparison.md").read_text().startswith("partial: 1 of 2 runs finished")
     assert json.loads((tmp_path / "comparison.json").read_text())["runs_finished"] == 1
     with monkeypatch.context() as m:

@@ -1,4 +1,5 @@
-"""Task sequences: the embedded digits, and every loader on miniature files written here in the real formats."""
+"""Task sequences: the embedded digits, and every loader on miniature files written here in the
+real formats."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ def test_digits_split_into_five_binary_tasks():
     total = sum(len(s) for t in seq.tasks for s in (t.train, t.val, t.test))
     assert total == 1797
     for t in seq.tasks:
-        assert t.n_classes == 2 and set(t.train.y.tolist()) == {0, 1} and set(t.test.y.tolist()) == {0, 1}
+        assert (
+            t.n_classes == 2
+            and set(t.train.y.tolist()) == {0, 1}
+            and set(t.test.y.tolist()) == {0, 1}
+        )
     assert [t.name for t in build_sequence("digits", seed=0).tasks] == [t.name for t in seq.tasks]
     assert [t.name for t in build_sequence("digits", seed=1).tasks] != [t.name for t in seq.tasks]
 
@@ -36,12 +41,16 @@ def test_permuted_digits_use_one_permutation_per_task():
 
 
 def test_unknown_sequence_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown sequence 'mnist'; valid: digits, digits-permuted, fashion-mnist"):
+    with pytest.raises(
+        ValueError, match="unknown sequence 'mnist'; valid: digits, digits-permuted, fashion-mnist"
+    ):
         build_sequence("mnist")
 
 
 def _idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
 
@@ -67,32 +76,47 @@ def test_fashion_mnist_from_idx_files(fashion_dir):
     assert seq.input_shape == (1, 28, 28) and len(seq.tasks) == 5
     assert sum(len(t.test) for t in seq.tasks) == 60
     assert seq.tasks[0].train.x.dtype.is_floating_point is False  # uint8, scaled per batch
-    assert seq.files == [str(fashion_dir / "fashion-mnist" / f"{stem}-ubyte.gz") for stem in
-                         ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")]
+    assert seq.files == [
+        str(fashion_dir / "fashion-mnist" / f"{stem}-ubyte.gz")
+        for stem in (
+            "train-images-idx3",
+            "train-labels-idx1",
+            "t10k-images-idx3",
+            "t10k-labels-idx1",
+        )
+    ]
 
 
 def test_corrupt_idx_file_is_named(fashion_dir):
     bad = fashion_dir / "fashion-mnist" / "train-labels-idx1-ubyte.gz"
     with gzip.open(bad, "wb") as f:
         f.write(b"\0\0\x08\x01" + struct.pack(">I", 500) + b"\0" * 10)
-    with pytest.raises(DataError, match=re.escape("train-labels-idx1-ubyte.gz: IDX header promises 500 bytes")):
+    with pytest.raises(
+        DataError, match=re.escape("train-labels-idx1-ubyte.gz: IDX header promises 500 bytes")
+    ):
         build_sequence("fashion-mnist", fashion_dir)
 
 
 def test_given_data_dir_is_the_only_place_looked_at(tmp_path, monkeypatch):
     monkeypatch.setattr(seqs, "FASHION_MNIST_SYSTEM_DIR", _fashion(tmp_path / "debian"))
-    with pytest.raises(DataNotFoundError, match=r"Fashion-MNIST not found: looked for train-images-idx3-ubyte.gz in "
-                       rf"{tmp_path}/nowhere/fashion-mnist\. Put the files there"):
+    with pytest.raises(
+        DataNotFoundError,
+        match=r"Fashion-MNIST not found: looked for train-images-idx3-ubyte.gz in "
+        rf"{tmp_path}/nowhere/fashion-mnist\. Put the files there",
+    ):
         build_sequence("fashion-mnist", tmp_path / "nowhere")
 
 
 def test_without_data_dir_the_system_folder_is_the_fallback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(seqs, "FASHION_MNIST_SYSTEM_DIR", _fashion(tmp_path / "debian"))
-    assert build_sequence("fashion-mnist").files[0] == str(tmp_path / "debian" / "train-images-idx3-ubyte.gz")
+    assert build_sequence("fashion-mnist").files[0] == str(
+        tmp_path / "debian" / "train-images-idx3-ubyte.gz"
+    )
     _fashion(tmp_path / "data" / "fashion-mnist")  # ./data comes first
-    assert build_sequence("fashion-mnist").files[0] == str(tmp_path / "data" / "fashion-mnist" /
-                                                           "train-images-idx3-ubyte.gz")
+    assert build_sequence("fashion-mnist").files[0] == str(
+        tmp_path / "data" / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+    )
 
 
 def _cifar(root, n_train=300, n_test=100):
@@ -100,7 +124,10 @@ def _cifar(root, n_train=300, n_test=100):
     folder.mkdir()
     rng = np.random.default_rng(1)
     for name, n in (("train", n_train), ("test", n_test)):
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": list(np.arange(n) % 100)}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"fine_labels": list(np.arange(n) % 100),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     return root
@@ -132,9 +159,11 @@ def _tinyimagenet(root, n_classes=20, per_class=3):
         (base / "train" / w / "images").mkdir(parents=True)
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
-                base / "train" / w / "images" / f"{w}_{i}.JPEG", format="JPEG")
+                base / "train" / w / "images" / f"{w}_{i}.JPEG", format="JPEG"
+            )
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
-            base / "val" / "images" / f"val_{k}.JPEG", format="JPEG")
+            base / "val" / "images" / f"val_{k}.JPEG", format="JPEG"
+        )
         lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t8\t8")
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -175,26 +204,43 @@ def _femnist(root, writers=24):
         folder.mkdir(parents=True)
         for shard in range(2):
             users = [f"f{shard}_{u}" for u in range(writers // 2)]
-            data = {u: {"x": rng.random((n, 784)).round(3).tolist(), "y": rng.integers(0, 62, n).tolist()}
-                    for u in users}
-            (folder / f"all_data_{shard}.json").write_text(json.dumps(
-                {"users": users, "num_samples": [n] * len(users), "user_data": data}))
+            data = {
+                u: {
+                    "x": rng.random((n, 784)).round(3).tolist(),
+                    "y": rng.integers(0, 62, n).tolist(),
+                }
+                for u in users
+            }
+            (folder / f"all_data_{shard}.json").write_text(
+                json.dumps({"users": users, "num_samples": [n] * len(users), "user_data": data})
+            )
     return root
 
 
 def test_paper_protocol_draws_the_authors_femnist_sizes(tmp_path, monkeypatch):
     root = _femnist(tmp_path)
-    with pytest.raises(DataError, match=r"femnist-10:0 \(3 writers\): the paper protocol takes 3100\+310 training "
-                       r"and 620 test samples per task; its writers have 18 and 6"):
+    with pytest.raises(
+        DataError,
+        match=r"femnist-10:0 \(3 writers\): the paper protocol takes 3100\+310 training "
+        r"and 620 test samples per task; its writers have 18 and 6",
+    ):
         build_sequence("femnist-10", root, protocol="paper")
     monkeypatch.setattr(seqs, "FEMNIST_PAPER_SIZES", (8, 2, 4))
     seq = build_sequence("femnist-10", root, seed=1, protocol="paper")
-    assert [(len(t.train), len(t.val), len(t.test)) for t in seq.tasks[:2]] == [(8, 2, 4), (8, 2, 4)]
+    assert [(len(t.train), len(t.val), len(t.test)) for t in seq.tasks[:2]] == [
+        (8, 2, 4),
+        (8, 2, 4),
+    ]
     assert seq.tasks[0].train.x.shape[1:] == (1, 28, 28)
     everything = build_sequence("femnist-10", root, seed=1)
-    pool = {tuple(x.flatten().tolist()[:8]) for s in (everything.tasks[0].train, everything.tasks[0].val)
-            for x in s.x}
-    assert all(tuple(x.flatten().tolist()[:8]) in pool for x in seq.tasks[0].train.x)  # drawn from its writers
+    pool = {
+        tuple(x.flatten().tolist()[:8])
+        for s in (everything.tasks[0].train, everything.tasks[0].val)
+        for x in s.x
+    }
+    assert all(
+        tuple(x.flatten().tolist()[:8]) in pool for x in seq.tasks[0].train.x
+    )  # drawn from its writers
 
 
 @pytest.mark.parametrize("n_tasks", [10, 20])

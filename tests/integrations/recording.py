@@ -1,4 +1,5 @@
-"""An SGD that records, at every step, the gradients its update is about to use (after any closure has run)."""
+"""An SGD that records, at every step, the gradients its update is about to use (after any closure
+has run)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from torch import nn
 
 
 class RecordingSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` over ``model``'s parameters; ``seen[i]`` maps parameter name to the gradient step ``i``
-    applied. A step pre-hook would not do: Lightning passes a closure that runs backward inside ``step``."""
+    """``torch.optim.SGD`` over ``model``'s parameters; ``seen[i]`` maps parameter name to the
+    gradient step ``i`` applied. A step pre-hook would not do: Lightning passes a closure that runs
+    backward inside ``step``."""
 
     def __init__(self, model: nn.Module, lr: float) -> None:
         super().__init__(model.parameters(), lr=lr)
@@ -22,7 +24,13 @@ class RecordingSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.seen.append({self._names[p]: p.grad.clone() for g in self.param_groups for p in g["params"]
-                          if p.grad is not None})
+        self.seen.append(
+            {
+                self._names[p]: p.grad.clone()
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            }
+        )
         super().step()
         return loss

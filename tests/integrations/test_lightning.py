@@ -1,5 +1,6 @@
-"""The Lightning callback with the real library: two tasks fitted on the CPU, the masked gradients checked against
-an unmasked run, the importance pass against SPG.end_task, and SPG's state through Lightning checkpoints."""
+"""The Lightning callback with the real library: two tasks fitted on the CPU, the masked gradients
+checked against an unmasked run, the importance pass against SPG.end_task, and SPG's state through
+Lightning checkpoints."""
 
 from __future__ import annotations
 
@@ -20,19 +21,26 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from spg_fast.integrations.lightning import SPGCallback  # noqa: E402
 from tests.integrations.recording import RecordingSGD  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated"),
-              pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated"),
+    pytest.mark.filterwarnings(
+        "ignore:Be aware that when using `ckpt_path`, callbacks used to create"
+    ),
+]
 
 
 class TaskModule(L.LightningModule):
-    """A multi-head net trained on head ``self.task`` with SGD; records the gradients every optimizer step sees."""
+    """A multi-head net trained on head ``self.task`` with SGD; records the gradients every
+    optimizer step sees."""
 
     def __init__(self, net: MultiHeadNet) -> None:
         super().__init__()
         self.net = net
         self.task = 0
         self.optimizers_made: list[RecordingSGD] = []
-        self.wrap_with: SPG | None = None  # configure_optimizers returns wrap_with.wrap(SGD) when set
+        self.wrap_with: SPG | None = (
+            None  # configure_optimizers returns wrap_with.wrap(SGD) when set
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -65,14 +73,23 @@ def _module(seed: int) -> TaskModule:
 
 def _fit(module, loader, root, callbacks=(), ckpt_path=None) -> None:
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=checkpointing, default_root_dir=root,
-                        callbacks=list(callbacks))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpointing,
+        default_root_dir=root,
+        callbacks=list(callbacks),
+    )
     trainer.fit(module, loader, ckpt_path=ckpt_path)
 
 
 def _copy_for_task1(module: TaskModule, spg: SPG) -> tuple[TaskModule, SPG]:
-    """A copy of the model after task 0 with its own SPG holding the same state, set to train task 1."""
+    """A copy of the model after task 0 with its own SPG holding the same state, set to train
+    task 1."""
     twin = copy.deepcopy(module)
     twin.task, twin.optimizers_made = 1, []
     twin_spg = SPG(twin.net, heads=twin.net.heads)
@@ -109,20 +126,30 @@ def test_task_two_is_masked_once_before_each_step(after_task0, tmp_path):
     _fit(masked, loaders[1], tmp_path / "masked", [SPGCallback(masked_spg)])
     _fit(control, loaders[1], tmp_path / "control")
 
-    # The first step starts from the same weights: what the optimizer sees is exactly the unmasked gradient times
-    # 1 - A (shared) or 1 - mean(A) (heads), masked once.
+    # The first step starts from the same weights: what the optimizer sees is exactly the unmasked
+    # gradient times 1 - A (shared) or 1 - mean(A) (heads), masked once.
     assert len(masked.seen) == len(control.seen) == 6
-    assert masked.seen[0].keys() == control.seen[0].keys() == {*spg.importance, "heads.1.weight", "heads.1.bias"}
+    assert (
+        masked.seen[0].keys()
+        == control.seen[0].keys()
+        == {*spg.importance, "heads.1.weight", "heads.1.bias"}
+    )
     for name, g in control.seen[0].items():
         factor = 1 - spg.importance[name] if name in spg.importance else spg.head_scale
         assert torch.equal(masked.seen[0][name], g * factor), name
 
-    # Over the whole task, the weights task 0 relies on most (A > 0.9) move far less than without the callback.
+    # Over the whole task, the weights task 0 relies on most (A > 0.9) move far less than without
+    # the callback.
     with torch.no_grad():
         start = dict(module.net.named_parameters())
         high = {n: a > 0.9 for n, a in spg.importance.items()}
-        moved = [sum(float((dict(m.net.named_parameters())[n] - start[n])[h].abs().sum()) for n, h in high.items())
-                 for m in (masked, control)]
+        moved = [
+            sum(
+                float((dict(m.net.named_parameters())[n] - start[n])[h].abs().sum())
+                for n, h in high.items()
+            )
+            for m in (masked, control)
+        ]
     assert sum(int(h.sum()) for h in high.values()) >= 10
     assert moved[0] < 0.1 * moved[1]
 
@@ -133,7 +160,8 @@ def _checkpoints(folder) -> ModelCheckpoint:
 
 @pytest.fixture(scope="module")
 def task1_checkpointed(after_task0, tmp_path_factory):
-    """Task 1 fitted with the callback and a checkpoint after each epoch: (module, spg, checkpoint folder)."""
+    """Task 1 fitted with the callback and a checkpoint after each epoch: (module, spg,
+    checkpoint folder)."""
     module, spg, loaders = after_task0
     run, run_spg = _copy_for_task1(module, spg)
     folder = tmp_path_factory.mktemp("task1")
@@ -142,8 +170,9 @@ def task1_checkpointed(after_task0, tmp_path_factory):
 
 
 @pytest.mark.parametrize("resume_from", ["epoch=0.ckpt", "epoch=1.ckpt"])
-def test_a_checkpoint_restores_spg_state_and_the_run_continues_identically(after_task0, task1_checkpointed,
-                                                                           tmp_path, resume_from):
+def test_a_checkpoint_restores_spg_state_and_the_run_continues_identically(
+    after_task0, task1_checkpointed, tmp_path, resume_from
+):
     _, spg, loaders = after_task0
     run, run_spg, folder = task1_checkpointed
     assert run_spg.tasks_finished == 2
@@ -155,8 +184,9 @@ def test_a_checkpoint_restores_spg_state_and_the_run_continues_identically(after
     for name, a in spg.importance.items():
         assert torch.equal(saved["importance"][name], a), name
 
-    # Fresh weights and a fresh SPG: everything comes from the checkpoint. From the mid-task checkpoint the second
-    # epoch trains with the restored masks; from the last one Lightning skips training and only the task ends.
+    # Fresh weights and a fresh SPG: everything comes from the checkpoint. From the mid-task
+    # checkpoint the second epoch trains with the restored masks; from the last one Lightning skips
+    # training and only the task ends.
     resumed = _module(seed=1)
     resumed.task = 1
     resumed_spg = SPG(resumed.net, heads=resumed.net.heads)
@@ -185,4 +215,9 @@ def test_bad_set_ups_are_refused_with_the_reason(after_task0, tmp_path):
         SPGCallback(module.net)
     other = MultiHeadNet().double()
     with pytest.raises(ValueError, match="does not hold SPG's shared parameter"):
-        _fit(copy.deepcopy(module), loaders[1], tmp_path, [SPGCallback(SPG(other, heads=other.heads))])
+        _fit(
+            copy.deepcopy(module),
+            loaders[1],
+            tmp_path,
+            [SPGCallback(SPG(other, heads=other.heads))],
+        )

@@ -1,6 +1,7 @@
-"""The Hugging Face Trainer callback with the real library: a tiny randomly initialised Llama (built from a config,
-nothing downloaded) trained on two token-sequence tasks on the CPU; the masked gradients checked against an unmasked
-run, the importance pass against SPG.end_task with the model's own loss, and SPG's state through checkpoint folders."""
+"""The Hugging Face Trainer callback with the real library: a tiny randomly initialised Llama (built
+from a config, nothing downloaded) trained on two token-sequence tasks on the CPU; the masked
+gradients checked against an unmasked run, the importance pass against SPG.end_task with the model's
+own loss, and SPG's state through checkpoint folders."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from spg_fast import SPG
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
 
 from spg_fast.integrations.transformers import STATE_FILE, SPGCallback  # noqa: E402
 from tests.integrations.recording import RecordingSGD  # noqa: E402
@@ -27,8 +34,9 @@ STEPS = EXAMPLES // BATCH  # one epoch
 
 @pytest.fixture(scope="module", autouse=True)
 def _objects_alive_now_skip_collection():
-    """Accelerate runs gc.collect() at the start of every train(); with torch and the frameworks loaded, one full
-    collection took 0.4 s of a 0.5 s train() here. Objects alive now are left out of collections in this module."""
+    """Accelerate runs gc.collect() at the start of every train(); with torch and the frameworks
+    loaded, one full collection took 0.4 s of a 0.5 s train() here. Objects alive now are left out
+    of collections in this module."""
     gc.freeze()
     yield
     gc.unfreeze()
@@ -36,15 +44,22 @@ def _objects_alive_now_skip_collection():
 
 def _model(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=LENGTH,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=LENGTH,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).double()
 
 
 def _task(stride: int) -> list[dict[str, torch.Tensor]]:
-    """Sequences counting up by ``stride`` modulo the vocabulary from seeded random starts: a next-token rule per
-    task, so the two tasks conflict."""
+    """Sequences counting up by ``stride`` modulo the vocabulary from seeded random starts: a
+    next-token rule per task, so the two tasks conflict."""
     starts = torch.randint(0, VOCAB, (EXAMPLES, 1), generator=torch.Generator().manual_seed(stride))
     ids = (starts + stride * torch.arange(LENGTH)) % VOCAB
     return [{"input_ids": row, "labels": row} for row in ids]
@@ -58,17 +73,35 @@ def _spg(model: LlamaForCausalLM) -> SPG:
     return SPG(model)
 
 
-def _train(model, task, out, callbacks=(), resume=None, wrap_with=None, trainer_class=Trainer,
-           **args) -> list[dict[str, torch.Tensor]]:
+def _train(
+    model, task, out, callbacks=(), resume=None, wrap_with=None, trainer_class=Trainer, **args
+) -> list[dict[str, torch.Tensor]]:
     """Train ``model`` on ``task`` with SGD; returns the gradients every optimizer step saw."""
     optimizer = RecordingSGD(model, lr=0.5)
-    arguments = TrainingArguments(**{
-        "output_dir": str(out), "per_device_train_batch_size": BATCH, "num_train_epochs": 1,
-        "lr_scheduler_type": "constant", "max_grad_norm": 0.0, "train_sampling_strategy": "sequential",
-        "report_to": "none", "logging_strategy": "no", "save_strategy": "no", "disable_tqdm": True, "use_cpu": True,
-        "seed": 0, **args})
-    trainer = trainer_class(model=model, args=arguments, train_dataset=task, callbacks=list(callbacks),
-                      optimizers=(wrap_with.wrap(optimizer) if wrap_with else optimizer, None))
+    arguments = TrainingArguments(
+        **{
+            "output_dir": str(out),
+            "per_device_train_batch_size": BATCH,
+            "num_train_epochs": 1,
+            "lr_scheduler_type": "constant",
+            "max_grad_norm": 0.0,
+            "train_sampling_strategy": "sequential",
+            "report_to": "none",
+            "logging_strategy": "no",
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "use_cpu": True,
+            "seed": 0,
+            **args,
+        }
+    )
+    trainer = trainer_class(
+        model=model,
+        args=arguments,
+        train_dataset=task,
+        callbacks=list(callbacks),
+        optimizers=(wrap_with.wrap(optimizer) if wrap_with else optimizer, None),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return optimizer.seen
 
@@ -93,9 +126,14 @@ def test_train_ends_the_task_with_the_models_own_loss(after_task0):
     assert spg.tasks_finished == 1
     oracle_model = copy.deepcopy(model)
     oracle = _spg(oracle_model)
-    batches = [default_data_collator(TASKS[0][i:i + BATCH]) for i in range(0, EXAMPLES, BATCH)]
-    oracle.end_task(0, batches, lambda batch: oracle_model(**batch).loss, loss_fn=lambda loss, _: loss,
-                    prepare_batch=lambda batch: (batch, None))
+    batches = [default_data_collator(TASKS[0][i : i + BATCH]) for i in range(0, EXAMPLES, BATCH)]
+    oracle.end_task(
+        0,
+        batches,
+        lambda batch: oracle_model(**batch).loss,
+        loss_fn=lambda loss, _: loss,
+        prepare_batch=lambda batch: (batch, None),
+    )
     assert spg.importance.keys() == oracle.importance.keys()
     for name, a in oracle.importance.items():
         assert torch.equal(spg.importance[name], a), name
@@ -110,25 +148,33 @@ def test_task_two_is_masked_once_right_before_each_step(after_task0, tmp_path):
     seen_control = _train(control, TASKS[1], tmp_path / "control")
     assert len(seen_masked) == len(seen_control) == STEPS
 
-    # Same weights at the first step: the optimizer sees exactly the unmasked gradient times 1 - A, masked once.
+    # Same weights at the first step: the optimizer sees exactly the unmasked gradient times 1 - A,
+    # masked once.
     assert seen_masked[0].keys() == seen_control[0].keys() == {*spg.importance}
     assert "lm_head.weight" in spg.importance
     for name, g in seen_control[0].items():
         assert torch.equal(seen_masked[0][name], g * (1 - spg.importance[name])), name
 
-    # Over the task, the weights task 0 relies on most (A > 0.9) move far less than without the callback.
+    # Over the task, the weights task 0 relies on most (A > 0.9) move far less than without
+    # the callback.
     with torch.no_grad():
         start = dict(model.named_parameters())
         high = {n: a > 0.9 for n, a in spg.importance.items()}
-        moved = [sum(float((dict(m.named_parameters())[n] - start[n])[h].abs().sum()) for n, h in high.items())
-                 for m in (masked, control)]
+        moved = [
+            sum(
+                float((dict(m.named_parameters())[n] - start[n])[h].abs().sum())
+                for n, h in high.items()
+            )
+            for m in (masked, control)
+        ]
     assert sum(int(h.sum()) for h in high.values()) >= 10
     assert moved[0] < 0.1 * moved[1]
 
 
 @pytest.fixture(scope="module")
 def task1_checkpointed(after_task0, tmp_path_factory):
-    """Task 1 trained with the callback, a checkpoint folder every 2 steps: (model, spg, output folder)."""
+    """Task 1 trained with the callback, a checkpoint folder every 2 steps: (model, spg,
+    output folder)."""
     run, run_spg = _twin(*after_task0)
     out = tmp_path_factory.mktemp("task1")
     _train(run, TASKS[1], out, [SPGCallback(run_spg)], save_strategy="steps", save_steps=2)
@@ -136,8 +182,9 @@ def task1_checkpointed(after_task0, tmp_path_factory):
 
 
 @pytest.mark.parametrize("resume_step", [2, STEPS])
-def test_a_checkpoint_folder_restores_spg_state_and_the_run_continues_identically(after_task0, task1_checkpointed,
-                                                                                  resume_step):
+def test_a_checkpoint_folder_restores_spg_state_and_the_run_continues_identically(
+    after_task0, task1_checkpointed, resume_step
+):
     _, spg = after_task0
     run, run_spg, out = task1_checkpointed
     assert run_spg.tasks_finished == 2
@@ -147,8 +194,8 @@ def test_a_checkpoint_folder_restores_spg_state_and_the_run_continues_identicall
     for name, a in spg.importance.items():
         assert torch.equal(saved["spg"]["importance"][name], a), name
 
-    # Fresh weights and a fresh SPG: everything comes from the checkpoint folder. From step 2 the last steps train
-    # with the restored masks; from the last step only the task ends.
+    # Fresh weights and a fresh SPG: everything comes from the checkpoint folder. From step 2 the
+    # last steps train with the restored masks; from the last step only the task ends.
     resumed = _model(seed=1)
     resumed_spg = _spg(resumed)
     _train(resumed, TASKS[1], out, [SPGCallback(resumed_spg)], resume=str(folder))
@@ -159,15 +206,18 @@ def test_a_checkpoint_folder_restores_spg_state_and_the_run_continues_identicall
         assert torch.equal(p, q), name
 
 
-def test_resuming_without_spg_state_or_an_already_masked_optimizer_is_refused(after_task0, task1_checkpointed,
-                                                                            tmp_path):
+def test_resuming_without_spg_state_or_an_already_masked_optimizer_is_refused(
+    after_task0, task1_checkpointed, tmp_path
+):
     model, spg = after_task0
     _, _, out = task1_checkpointed
     without = tmp_path / "without"
     shutil.copytree(out / "checkpoint-2", without / "checkpoint-2")
     (without / "checkpoint-2" / STATE_FILE).unlink()
     fresh = _model(seed=1)
-    with pytest.raises(FileNotFoundError, match=f"resumed at step 2 but .*checkpoint-2/{STATE_FILE} does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=f"resumed at step 2 but .*checkpoint-2/{STATE_FILE} does not exist"
+    ):
         _train(fresh, TASKS[1], without, [SPGCallback(_spg(fresh))], resume=True)
 
     twin, twin_spg = _twin(model, spg)
@@ -191,16 +241,25 @@ def test_a_model_without_its_own_loss_needs_the_end_task_options(tmp_path):
     unlabelled = [{"input_ids": example["input_ids"]} for example in TASKS[0]]
     model = _model(seed=0)
     with pytest.raises(ValueError, match="the model returned no loss for a training batch"):
-        _train(model, unlabelled, tmp_path, [SPGCallback(_spg(model))], trainer_class=NextTokenTrainer)
+        _train(
+            model, unlabelled, tmp_path, [SPGCallback(_spg(model))], trainer_class=NextTokenTrainer
+        )
 
     model = _model(seed=0)
     spg = _spg(model)
-    options = {"forward": lambda batch: _next_token_loss(model, batch), "loss_fn": lambda loss, _: loss,
-               "prepare_batch": lambda batch: (batch, None)}
-    _train(model, unlabelled, tmp_path, [SPGCallback(spg, **options)], trainer_class=NextTokenTrainer)
+    options = {
+        "forward": lambda batch: _next_token_loss(model, batch),
+        "loss_fn": lambda loss, _: loss,
+        "prepare_batch": lambda batch: (batch, None),
+    }
+    _train(
+        model, unlabelled, tmp_path, [SPGCallback(spg, **options)], trainer_class=NextTokenTrainer
+    )
     oracle_model = copy.deepcopy(model)
     oracle = _spg(oracle_model)
-    batches = [default_data_collator(unlabelled[i:i + BATCH]) for i in range(0, EXAMPLES, BATCH)]
-    oracle.end_task(0, batches, **{**options, "forward": lambda batch: _next_token_loss(oracle_model, batch)})
+    batches = [default_data_collator(unlabelled[i : i + BATCH]) for i in range(0, EXAMPLES, BATCH)]
+    oracle.end_task(
+        0, batches, **{**options, "forward": lambda batch: _next_token_loss(oracle_model, batch)}
+    )
     for name, a in oracle.importance.items():
         assert torch.equal(spg.importance[name], a), name

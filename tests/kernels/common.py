@@ -1,4 +1,5 @@
-"""Inputs for the kernel parity tests: the device the kernels run on, and random tensors in awkward layouts."""
+"""Inputs for the kernel parity tests: the device the kernels run on, and random tensors in
+awkward layouts."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ LAYOUTS = ["contiguous", "transposed", "strided", "offset"]
 SHAPES = [(1,), (2,), (7, 3), (1023,), (1025,), (3, 700), (0,), (0, 5)]
 
 
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator,
-                  layout: str = "contiguous") -> torch.Tensor:
-    """Random values with a random spread and offset on DEVICE, in ``layout``: contiguous; transposed (dense but
-    permuted, like channels_last); strided (every other row of a larger tensor); offset (a view at a storage
-    offset)."""
+def random_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, layout: str = "contiguous"
+) -> torch.Tensor:
+    """Random values with a random spread and offset on DEVICE, in ``layout``: contiguous;
+    transposed (dense but permuted, like channels_last); strided (every other row of a larger
+    tensor); offset (a view at a storage offset)."""
     scale = float(torch.rand((), generator=gen)) * 5 + 0.05
     offset = float(torch.randn((), generator=gen)) * 4
 
     def values(s: tuple[int, ...]) -> torch.Tensor:
-        return (torch.randn(s, generator=gen, dtype=torch.float64) * scale + offset).to(dtype).to(DEVICE)
+        return (
+            (torch.randn(s, generator=gen, dtype=torch.float64) * scale + offset)
+            .to(dtype)
+            .to(DEVICE)
+        )
 
     if layout == "contiguous":
         return values(shape)

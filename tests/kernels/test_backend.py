@@ -17,7 +17,9 @@ def _named(dtype=torch.float32, device=DEVICE):
 
 
 def test_auto_uses_triton_only_on_cuda():
-    assert resolve_backend("auto", _named()).name == ("triton" if DEVICE.type == "cuda" else "torch")
+    assert resolve_backend("auto", _named()).name == (
+        "triton" if DEVICE.type == "cuda" else "torch"
+    )
     assert resolve_backend("torch", _named()).name == "torch"
 
 
@@ -32,7 +34,9 @@ def test_explicit_triton_names_what_it_cannot_serve(monkeypatch):
     with pytest.raises(ValueError, match=r"importance_dtype torch\.float16"):
         resolve_backend("triton", _named(), torch.float16)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="on the CPU, where Triton runs only with TRITON_INTERPRET=1"):
+    with pytest.raises(
+        ValueError, match="on the CPU, where Triton runs only with TRITON_INTERPRET=1"
+    ):
         resolve_backend("triton", _named(device=torch.device("cpu")))
 
 

@@ -1,4 +1,5 @@
-"""Building, caching and choosing the native CPU steps; what happens on a machine that cannot build them."""
+"""Building, caching and choosing the native CPU steps; what happens on a machine that cannot
+build them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from spg_fast.kernels.cpu import adam_step, build, sgd_step
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """An empty cache and no library loaded yet in this process; the normal state is restored afterwards."""
+    """An empty cache and no library loaded yet in this process; the normal state is
+    restored afterwards."""
     monkeypatch.setenv("SPG_FAST_CACHE_DIR", str(tmp_path))
     build.load.cache_clear()
     backend._native_build_problem.cache_clear()
@@ -34,13 +36,16 @@ def test_builds_once_into_the_cache(fresh):
 
 
 def _openmp_runtimes() -> set[str]:
-    return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-            if "libgomp" in line or "libomp" in line}
+    return {
+        line.split()[-1]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if "libgomp" in line or "libomp" in line
+    }
 
 
 def test_shares_torchs_openmp_runtime(fresh):
-    """Loading the library adds no OpenMP runtime of its own: its libgomp resolves to one already loaded (torch's;
-    other packages, e.g. scikit-learn, may have loaded theirs before)."""
+    """Loading the library adds no OpenMP runtime of its own: its libgomp resolves to one already
+    loaded (torch's; other packages, e.g. scikit-learn, may have loaded theirs before)."""
     before = _openmp_runtimes()
     build.load()
     assert _openmp_runtimes() == before
@@ -82,7 +87,9 @@ def test_without_a_compiler_auto_warns_once_and_explicit_fails(fresh, monkeypatc
         backend.TORCH_OPS.step_kernels(_tensors())
     backend._native_build_problem.cache_clear()
     monkeypatch.setenv("SPG_FAST_NATIVE", "auto")
-    with pytest.warns(RuntimeWarning, match="native CPU optimizer steps are unavailable .*failed to compile"):
+    with pytest.warns(
+        RuntimeWarning, match="native CPU optimizer steps are unavailable .*failed to compile"
+    ):
         assert backend.TORCH_OPS.step_kernels(_tensors()) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,4 +1,5 @@
-"""The Triton soft mask against the reference (bit-identical) and a float64 oracle, on fresh random inputs."""
+"""The Triton soft mask against the reference (bit-identical) and a float64 oracle, on fresh
+random inputs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from tests.kernels.common import DEVICE, GRAD_DTYPES, LAYOUTS, SHAPES, random_te
 def _importances(shapes, dtype, gen):
     out = [torch.rand(s, generator=gen).to(dtype).to(DEVICE) for s in shapes]
     if out and out[0].numel():
-        out[0].view(-1)[0] = 1.0  # A can be exactly 1 in float32 (tanh saturates): the gradient is zeroed
+        out[0].view(-1)[0] = (
+            1.0  # A can be exactly 1 in float32 (tanh saturates): the gradient is zeroed
+        )
     return out
 
 
@@ -45,7 +48,10 @@ def test_matches_reference_bit_for_bit(dtype, imp_dtype, layout):
 def test_mixed_gradient_dtypes_in_one_call():
     gen = torch.Generator().manual_seed(5)
     grads = [random_tensor((1030,), dt, gen) for dt in GRAD_DTYPES]
-    heads = [random_tensor((9,), torch.bfloat16, gen), random_tensor((4,), torch.float64, gen).float()]
+    heads = [
+        random_tensor((9,), torch.bfloat16, gen),
+        random_tensor((4,), torch.float64, gen).float(),
+    ]
     imps = _importances([(1030,)] * 3, torch.float32, gen)
     scale = torch.tensor(0.75, device=DEVICE)
     want, want_heads = [g.clone() for g in grads], [h.clone() for h in heads]
@@ -68,8 +74,11 @@ def test_bad_arguments_are_named():
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple),
-       dtype=st.sampled_from(GRAD_DTYPES), seed=st.integers(0, 2**31 - 1))
+@given(
+    shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple),
+    dtype=st.sampled_from(GRAD_DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_property_matches_reference(shape, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
