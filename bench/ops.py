@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import spg_fast
 from spg_fast import SPG, reference
-from spg_fast.backend import resolve_backend
+from spg_fast._backend import resolve_backend
 
 
 class _Model(nn.Module):

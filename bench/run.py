@@ -27,7 +27,7 @@ import spg_fast
 from bench import bytes_model
 from bench.ops import BYTES_OP, IMPLEMENTATIONS, MODEL_SHAPES, make_problem, synthetic_shapes
 from bench.timing import copies_to_rotate, median_seconds, stream_bandwidth
-from spg_fast.backend import resolve_backend
+from spg_fast._backend import resolve_backend
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -60,7 +60,7 @@ def _environment(device: torch.device, bandwidth: float, ceiling: str) -> dict:
 
 def _step_path(device: torch.device) -> str:
     """Which implementation spg_fast.optim steps with on this device
-    (spg_fast.backend.Ops.step_kernels)."""
+    (spg_fast._backend.Ops.step_kernels)."""
     ops = resolve_backend("auto", [("p", torch.zeros(1, device=device))])
     kernels = ops.step_kernels([torch.zeros(1, device=device)])
     return (

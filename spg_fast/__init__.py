@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from spg_fast import optim, reference
-from spg_fast.backend import BACKENDS
+from spg_fast._backend import BACKENDS
 from spg_fast.optimizer import AttachHandle, SPGOptimizer
 from spg_fast.spg import SPG
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spg_fast import sharded
+from spg_fast import _sharded as sharded
 from spg_fast.reference import compute_dtype
 from spg_fast.spg import SPG
 

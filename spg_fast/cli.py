@@ -325,7 +325,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, An
     if args.data_dir is not None and args.sequence in EMBEDDED:
         p.error(f"--data-dir: the {args.sequence} sequence is embedded and reads no files")
     if args.backend == "triton":
-        from spg_fast.backend import triton_available
+        from spg_fast._backend import triton_available
 
         if not triton_available():
             p.error("--backend: triton is not installed")

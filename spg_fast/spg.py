@@ -12,13 +12,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spg_fast import sharded
-from spg_fast.backend import Ops, resolve_backend
-from spg_fast.distributed import summed_across_processes, wrapper_forward_refused
-from spg_fast.importance_pass import HeadSums, ImportancePass, PassReport
-from spg_fast.model_state import preserved
+from spg_fast import _sharded as sharded
+from spg_fast._backend import Ops, resolve_backend
+from spg_fast._distributed import summed_across_processes, wrapper_forward_refused
+from spg_fast._importance_pass import HeadSums, ImportancePass, PassReport
+from spg_fast._model_state import preserved
+from spg_fast._params import HeadSpec, inner_module, partition
 from spg_fast.optimizer import AttachHandle, SPGOptimizer, attach
-from spg_fast.params import HeadSpec, inner_module, partition
 from spg_fast.reference import compute_dtype
 
 STATE_FORMAT = 1
@@ -39,11 +39,11 @@ class SPG:
     ``model`` may be wrapped in DistributedDataParallel or ``torch.compile``: parameter names
     (``heads`` prefixes, ``importance``, checkpoints) are those of the inner module, so they do not
     depend on the wrapper; a DDP model's ``end_task`` gives every rank the importance of all ranks'
-    data (``spg_fast.distributed``). On an FSDP2 model (``fully_shard``) ``A``, the mask factors and
-    ``importance`` are sharded like the parameters, and ``end_task``, ``load_state_dict`` and
-    ``state_dict(full=True)`` are collectives every rank calls (``spg_fast.sharded``).
+    data (``spg_fast._distributed``). On an FSDP2 model (``fully_shard``) ``A``, the mask factors
+    and ``importance`` are sharded like the parameters, and ``end_task``, ``load_state_dict`` and
+    ``state_dict(full=True)`` are collectives every rank calls (``spg_fast._sharded``).
 
-    ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"`` (see ``spg_fast.backend``).
+    ``backend`` is ``"auto"``, ``"torch"`` or ``"triton"`` (see ``spg_fast._backend``).
     ``importance_dtype`` stores ``A`` in float32 (the default; float64 for float64 parameters) or
     bfloat16, which halves its memory and keeps ``A`` within a relative 2**-9 (absolute 2**-9, as
     A < 1) of the float32 value, rounded to nearest. Memory per shared element: ``A``, plus (torch
@@ -88,7 +88,7 @@ class SPG:
 
     @property
     def ops(self) -> Ops:
-        """The backend's operations (``spg_fast.backend.Ops``), which ``spg_fast.optim``
+        """The backend's operations (``spg_fast._backend.Ops``), which ``spg_fast.optim``
         steps with."""
         return self._ops
 
@@ -229,7 +229,7 @@ class SPG:
         self, params: Sequence[Tensor]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """``params`` split into the shared ones, their backend mask factors
-        (``spg_fast.backend.Ops.mask_factors``) and the heads, each in the given order; before the
+        (``spg_fast._backend.Ops.mask_factors``) and the heads, each in the given order; before the
         first ``end_task`` every parameter counts as a head (there are no factors, and
         ``head_scale`` is None: no mask). Used by ``mask_gradients`` and the fused optimizers;
         cached while the same parameters are asked about and the mask is unchanged
@@ -287,9 +287,9 @@ class SPG:
         heads then see the same dropout masks), False one per head. ``memory_budget`` bounds, in
         bytes, the per-head gradient buffers held at once (default: a quarter of the free memory
         of the parameters' device); heads that do not fit share a later pass over the data. See
-        ``spg_fast.importance_pass``. On an FSDP2 model each head gets its own forward through
+        ``spg_fast._importance_pass``. On an FSDP2 model each head gets its own forward through
         the sharded model (``shared_forward=True`` is refused; ``memory_budget`` does not apply):
-        see ``spg_fast.sharded``.
+        see ``spg_fast._sharded``.
 
         The model is left as it was found, on success and on error: parameters, buffers (BatchNorm
         running statistics), each module's train/eval mode and ``.grad`` (never touched: the pass
@@ -297,7 +297,7 @@ class SPG:
         as they were). On any error the accumulated importance is left exactly as it was; a
         non-finite loss is reported with its head and batch, a non-finite gradient with its head,
         parameters and first batch (found by repeating that head's pass). Returns what the pass did
-        (``spg_fast.importance_pass.PassReport``).
+        (``spg_fast._importance_pass.PassReport``).
         """
         if task_id != self._tasks_finished:
             raise ValueError(
@@ -379,7 +379,7 @@ class SPG:
                 )
                 report = engine.report
                 # Each head's sums are complete here; a DDP model's are summed over its ranks
-                # (spg_fast.distributed).
+                # (spg_fast._distributed).
                 for done in summed_across_processes(
                     engine.run(), self.model, params, names, label, head_label
                 ):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spg_fast.importance_pass import ImportancePass, Trace
-from spg_fast.shared_forward import TrunkMemo, head_free_modules
+from spg_fast._importance_pass import ImportancePass, Trace
+from spg_fast._shared_forward import TrunkMemo, head_free_modules
 from tests.helpers import MultiHeadNet, make_tasks
 
 

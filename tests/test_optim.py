@@ -16,7 +16,7 @@ from tests.helpers import MultiHeadNet, make_tasks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Each way spg_fast.optim can step: SPG backend and SPG_FAST_NATIVE setting
-# (spg_fast.backend.Ops.step_kernels).
+# (spg_fast._backend.Ops.step_kernels).
 PATHS = {"triton": ("triton", "auto"), "native": ("torch", "1"), "mask+torch": ("torch", "0")}
 CONFIGS = {
     "sgd": (optim.SGD, torch.optim.SGD, dict(lr=0.05)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from spg_fast.params import partition
+from spg_fast._params import partition
 from tests.helpers import MultiHeadNet
 
 

@@ -1,7 +1,7 @@
 """How the native CPU steps are launched: the tensor table of ``fused_steps.c``, the checks that
 keep the C code memory-safe, and the call. The ops themselves are ``sgd_step`` and ``adam_step``.
 
-The torch backend's mask factors are keep factors ``1 - A`` (``spg_fast.backend.Ops``), so here
+The torch backend's mask factors are keep factors ``1 - A`` (``spg_fast._backend.Ops``), so here
 ``factors`` are multiplied in as they are. ``.grad`` is read, never written.
 """
 

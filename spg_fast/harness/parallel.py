@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from spg_fast import sharded
+from spg_fast import _sharded as sharded
 
 WRAPPERS = ("ddp", "fsdp")
 

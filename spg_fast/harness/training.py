@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spg_fast._params import inner_module
 from spg_fast.harness.config import ConfigError, TrainConfig
 from spg_fast.harness.models import MultiHeadNet, build_model
 from spg_fast.harness.parallel import Ranks
 from spg_fast.harness.sequences import Split, TaskSequence
-from spg_fast.params import inner_module
 from spg_fast.spg import SPG
 
 METHODS = ("spg", "finetune", "one")

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from spg_fast import sharded
-from spg_fast.backend import StepKernels
+from spg_fast import _sharded as sharded
+from spg_fast._backend import StepKernels
 from spg_fast.optimizer import register
 from spg_fast.spg import SPG
 
@@ -77,7 +77,7 @@ class MaskedOptimizer(Optimizer):
     """Base of ``spg_fast.optim``'s optimizers: torch's update with SPG's mask read inside it.
 
     The update equals "mask the gradient, then step torch's optimizer"; the SPG object's backend
-    (``spg_fast.backend.Ops.step_kernels``) picks how, per batch of one dtype. The Triton kernels
+    (``spg_fast._backend.Ops.step_kernels``) picks how, per batch of one dtype. The Triton kernels
     (CUDA) and the native CPU kernels (contiguous float32/float64) read the mask inside one pass and
     leave ``.grad`` as backward produced it. Otherwise ``.grad`` is masked in place (the spec's
     ``grad <- grad * (1 - A)``) and torch's fused kernel steps. On the CPU the native AdamW step
@@ -127,7 +127,7 @@ class MaskedOptimizer(Optimizer):
         self, params: list[Tensor]
     ) -> Iterator[tuple[list[Tensor], list[Tensor], Tensor | None]]:
         """Per dtype, the parameters (shared first, then heads), the shared ones' mask factors
-        (the backend's, see ``spg_fast.backend.Ops``) and the head scale (None before the first
+        (the backend's, see ``spg_fast._backend.Ops``) and the head scale (None before the first
         task: no mask)."""
         for p in params:
             if p.grad.is_sparse:

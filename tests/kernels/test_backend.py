@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from spg_fast import SPG
-from spg_fast.backend import resolve_backend
+from spg_fast._backend import resolve_backend
 from tests.helpers import MultiHeadNet, make_tasks
 from tests.kernels.common import DEVICE
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spg_fast import backend
+from spg_fast import _backend as backend
 from spg_fast.kernels.cpu import adam_step, build, sgd_step
 
 

@@ -7,7 +7,7 @@ a touched count per parameter, and per rank a non-finite flag and a failure flag
 the sums over all ranks' data (the spec's "Distributed data"; standardisation is scale-invariant, so
 the number of batches per rank does not matter) and the same verdict: a non-finite gradient, or a
 rank whose pass failed, raises on every rank before any importance changes. FSDP2 models (DTensor
-parameters) take the path of ``spg_fast.sharded`` instead.
+parameters) take the path of ``spg_fast._sharded`` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from spg_fast.importance_pass import HeadSums
+from spg_fast._importance_pass import HeadSums
 
 
 def process_group(model: nn.Module) -> dist.ProcessGroup | None:

@@ -5,13 +5,13 @@ Two schedules compute the same sums:
 - **per-head passes** (the authors' procedure): one pass over the data per head, a fresh forward for
   every head and batch;
 - **shared forward**: the heads in groups, one pass over the data per group; in each batch the
-  shared part of the model runs once (``spg_fast.shared_forward.TrunkMemo``) and each head's
+  shared part of the model runs once (``spg_fast._shared_forward.TrunkMemo``) and each head's
   gradient is taken from that one graph. A group holds as many heads as their gradient buffers fit
   in ``memory_budget`` bytes (default: a quarter of the memory free on the parameters' device when
   the pass starts; one head per group where that cannot be told).
 
 By default (``shared_forward=None``) the shared forward is used unless the model draws random
-numbers in its forward (dropout in train mode; ``spg_fast.randomness``): there the authors draw
+numbers in its forward (dropout in train mode; ``spg_fast._randomness``): there the authors draw
 fresh masks for every head, so the per-head passes are kept. ``shared_forward=True`` forces the
 shared forward (all heads of a batch then see the same random draws), ``False`` the per-head passes.
 
@@ -40,14 +40,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from spg_fast.device_memory import free_bytes
-from spg_fast.randomness import (
+from spg_fast._device_memory import free_bytes
+from spg_fast._randomness import (
     generator_states,
     random_modules,
     restore_generator_states,
     watch_draws,
 )
-from spg_fast.shared_forward import TrunkMemo
+from spg_fast._shared_forward import TrunkMemo
 
 # The default memory budget for the head buffers, as a fraction of the free memory when the pass
 # starts: the rest is left to the batch's activations (held across the group's heads) and to

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from spg_fast.backend import Ops
-from spg_fast.importance_pass import HeadSums, LossFn, checked_loss
+from spg_fast._backend import Ops
+from spg_fast._importance_pass import HeadSums, LossFn, checked_loss
 from spg_fast.reference import merge_moments
 
 _END = object()
