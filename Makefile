@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; override (e.g. TORCH=torch) to let pip choose a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test lint gpu clean
+.PHONY: install run test test-slow lint gpu clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ test: install
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The long checks (`@pytest.mark.slow`): CI runs them after `make test`.
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 # On a machine with a CUDA GPU and its own CUDA build of torch and triton (not the CPU-only .venv): the whole test
 # suite compiled, the GPU-only tests, the harness on the GPU and every benchmark, into bench/results/<gpu>-<date>/.

@@ -138,6 +138,7 @@ def _results(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return result, torch.load(folder / CHECKPOINT, weights_only=True)["learner"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_two_processes_give_one_processs_results(
@@ -169,6 +170,7 @@ def test_two_processes_give_one_processs_results(
             )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_only_rank_0_prints_and_writes(launches: dict[str, Any], wrapper: str) -> None:
     launched = launches[wrapper]
@@ -198,6 +200,7 @@ def test_only_rank_0_prints_and_writes(launches: dict[str, Any], wrapper: str) -
     assert len(printed) == launched_epochs
 
 
+@pytest.mark.slow
 def test_a_failure_on_rank_0_stops_every_rank_with_one_error(tmp_path: Path) -> None:
     """--out is checked by rank 0 alone; the other rank learns of its error instead of waiting in
     a collective."""
