@@ -20,6 +20,7 @@ from spg_fast._model_state import preserved
 from spg_fast._params import HeadSpec, inner_module, partition
 from spg_fast.optimizer import AttachHandle, SPGOptimizer, attach
 from spg_fast.reference import compute_dtype
+from spg_fast.usage import Usage, usage
 
 STATE_FORMAT = 1
 
@@ -130,6 +131,22 @@ class SPG:
         """``1 - mean(A)`` (a device scalar) that head gradients are multiplied by; None before the
         first task."""
         return self._head_scale
+
+    def usage(self) -> Usage:
+        """How much of the network the importance has claimed: mean ``A`` and the fractions of
+        shared elements with ``A`` above 0.5 and 0.9, overall and per shared parameter, and the
+        head scale (``spg_fast.usage``). On an FSDP2 model a collective: call it on every rank."""
+        shared = self._partition.shared
+        numels = {n: p.numel() for n, p in shared.items()}
+        importance = {n: sharded.local(a) for n, a in self._importance.items()}
+        reduce = None
+        if self._sharded and importance:
+            group = sharded.process_group(list(shared.values()))
+
+            def reduce(t: Tensor) -> None:
+                dist.all_reduce(t, group=group)
+
+        return usage(importance, numels, self._tasks_finished, reduce)
 
     # ------------------------------------------------------------ parameters
     def _refresh_partition(self) -> None:
