@@ -36,8 +36,8 @@ NATIVE_SETTINGS = ("auto", "0", "1")
 
 class StepKernels(NamedTuple):
     """Fused masked optimizer steps with the signatures of
-    ``spg_fast.kernels.triton.sgd_step.sgd_step_`` and ``adam_step.adam_step_``; they take the
-    backend's mask factors."""
+    ``spg_fast.kernels.triton.sgd_step.sgd_step_`` and ``adam_step.adam_step_``; they read the
+    stored keep factors (``spg_fast.storage``)."""
 
     sgd_step_: Callable[..., None]
     adam_step_: Callable[..., None]
@@ -45,27 +45,26 @@ class StepKernels(NamedTuple):
 
 @dataclass(frozen=True)
 class Ops:
-    """SPG's tensor operations as one backend implements them (signatures as
-    in ``spg_fast.reference``).
+    """SPG's tensor operations as one backend implements them (signatures as in
+    ``spg_fast.reference``). Every op takes the shared parameters' stored keep factors
+    (``spg_fast.storage``) as they are stored.
 
-    ``mask_factors(importances)`` gives, per shared tensor, what ``soft_mask_`` and the step kernels
-    multiply by: the keep factor ``1 - A`` for the reference and the native CPU steps, ``A`` itself
-    for the Triton kernels (which form ``1 - A`` in registers). ``moments`` and
-    ``importance_max_with_`` serve parameters sharded across processes (FSDP2), whose statistics are
-    merged before the importance is formed; both backends use the reference's for them.
-    ``step_kernels(tensors)`` gives the fused steps that serve a batch of ``spg_fast.optim`` (every
-    tensor the step touches), or None: mask ``.grad``, then torch's fused step.
+    ``moments`` and ``accumulate_with_`` serve parameters sharded across processes (FSDP2), whose
+    statistics are merged before the importance is formed; both backends use the reference's for
+    them, and for ``head_scale``. ``step_kernels(tensors, keeps)`` gives the fused steps that serve
+    a batch of ``spg_fast.optim`` (every tensor the step touches, and the keep factors it reads), or
+    None: mask (or snapshot) with the ops here around torch's fused step.
     """
 
     name: str
-    importance_max_: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
-    mask_factors: Callable[[Sequence[Tensor]], list[Tensor]]
-    head_scale: Callable[..., Tensor]
+    accumulate_: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
     soft_mask_: Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], Tensor], None]
-    step_kernels: Callable[[Sequence[Tensor]], StepKernels | None]
+    scale_updates_: Callable[..., None]
+    step_kernels: Callable[[Sequence[Tensor], Sequence[Tensor]], StepKernels | None]
+    head_scale: Callable[..., Tensor] = reference.head_scale
     moments: Callable[[Tensor], Tensor] = reference.moments
-    importance_max_with_: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor] = (
-        reference.importance_max_with_
+    accumulate_with_: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor] = (
+        reference.accumulate_with_
     )
 
 
@@ -75,19 +74,18 @@ def triton_available() -> bool:
 
 @functools.cache
 def _triton_ops() -> Ops:
+    from spg_fast.kernels.triton.accumulate import accumulate_
     from spg_fast.kernels.triton.adam_step import adam_step_
-    from spg_fast.kernels.triton.importance_max import importance_max_
     from spg_fast.kernels.triton.sgd_step import sgd_step_
-    from spg_fast.kernels.triton.soft_mask import soft_mask_
+    from spg_fast.kernels.triton.soft_mask import scale_updates_, soft_mask_
 
     steps = StepKernels(sgd_step_, adam_step_)
     return Ops(
         name="triton",
-        importance_max_=importance_max_,
-        mask_factors=list,
-        head_scale=reference.head_scale,
+        accumulate_=accumulate_,
         soft_mask_=soft_mask_,
-        step_kernels=lambda tensors: steps,
+        scale_updates_=scale_updates_,
+        step_kernels=lambda tensors, keeps: steps,
     )
 
 
@@ -112,25 +110,26 @@ def _native_build_problem() -> str | None:
     return None
 
 
-def _native_steps(tensors: Sequence[Tensor]) -> StepKernels | None:
-    """The native CPU steps when they can serve ``tensors`` and ``SPG_FAST_NATIVE`` allows them,
-    else None."""
+def _native_steps(tensors: Sequence[Tensor], keeps: Sequence[Tensor]) -> StepKernels | None:
+    """The native CPU steps when they can serve ``tensors`` and the stored keep factors ``keeps``
+    and ``SPG_FAST_NATIVE`` allows them, else None."""
     setting = os.environ.get("SPG_FAST_NATIVE", "auto")
     if setting not in NATIVE_SETTINGS:
         raise ValueError(f"SPG_FAST_NATIVE={setting!r} is not one of {', '.join(NATIVE_SETTINGS)}")
     from spg_fast.kernels.cpu import adam_step, launch, sgd_step
 
-    if setting == "0" or launch.problem(tensors) is not None or _native_build_problem() is not None:
+    if setting == "0" or launch.problem(tensors, keeps) is not None:
+        return None
+    if _native_build_problem() is not None:
         return None
     return StepKernels(sgd_step.sgd_step_, adam_step.adam_step_)
 
 
 TORCH_OPS = Ops(
     name="torch",
-    importance_max_=reference.importance_max_,
-    mask_factors=reference.keep_factors,
-    head_scale=reference.head_scale,
+    accumulate_=reference.accumulate_,
     soft_mask_=reference.soft_mask_,
+    scale_updates_=reference.scale_updates_,
     step_kernels=_native_steps,
 )
 
@@ -141,10 +140,10 @@ def _triton_problem(
     """Why the kernels cannot serve these parameters, or None when they can."""
     if not triton_available():
         return "Triton is not installed"
-    from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES
+    from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, KEEP_DTYPES
 
-    if importance_dtype is not None and importance_dtype not in IMPORTANCE_DTYPES:
-        return f"importance_dtype {importance_dtype} is not one of {IMPORTANCE_DTYPES}"
+    if importance_dtype is not None and importance_dtype not in KEEP_DTYPES:
+        return f"importance_dtype {importance_dtype} is not one of {KEEP_DTYPES}"
     for name, p in named:
         if p.dtype not in GRAD_DTYPES:
             return f"parameter {name!r} has dtype {p.dtype}; the kernels take {GRAD_DTYPES}"

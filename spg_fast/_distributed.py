@@ -58,18 +58,17 @@ def wrapper_forward_refused(model: nn.Module, label: str = "") -> Iterator[None]
 
 def summed_across_processes(
     heads: Iterator[HeadSums],
-    model: nn.Module,
+    group: dist.ProcessGroup | None,
     params: Sequence[Tensor],
     names: Sequence[str],
     label: str = "",
     head_label: Callable[[int], str] = "head {}".format,
 ) -> Iterator[HeadSums]:
-    """``heads`` with each head's sums replaced by their sum over the ranks of ``model``'s process
-    group (``heads`` itself for a single process). A local failure while computing a head is
-    announced to the other ranks (one collective) before it propagates, so that they raise too
-    instead of waiting."""
-    group = process_group(model)
-    if group is None:
+    """``heads`` with each head's sums replaced by their sum over the ranks of ``group`` (``heads``
+    itself for None, a single process). A local failure while computing a head is announced to the
+    other ranks (one collective) before it propagates, so that they raise too instead of
+    waiting."""
+    if group is None or dist.get_world_size(group) == 1:
         yield from heads
         return
     combiner = _Combiner(group, params, names, label, head_label)

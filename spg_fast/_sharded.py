@@ -244,13 +244,13 @@ def _backward_over(
             batches += 1
 
 
-def importance_max_(
+def accumulate_(
     ops: Ops, work: Sequence[Tensor], sums: Sequence[Tensor | None], group: dist.ProcessGroup
 ) -> list[int]:
-    """``work[i] <- max(work[i], importance)`` for each shard of ``sums`` present, with the
-    statistics of the whole tensors (one ``all_gather`` of every rank's moments); returns the
-    indices whose whole gradient is not finite, the same on every rank, with no accumulator changed
-    when there are any."""
+    """``ops.accumulate_`` of each shard of ``sums`` present into the stored keep factors ``work``,
+    with the statistics of the whole tensors (one ``all_gather`` of every rank's moments); returns
+    the indices whose whole gradient is not finite, the same on every rank, with nothing in
+    ``work`` changed when there are any."""
     device = work[0].device
     none = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=device)
     rows = torch.stack([none if h is None else ops.moments(h) for h in sums])
@@ -261,7 +261,5 @@ def importance_max_(
     if bad:
         return bad
     present = [i for i, h in enumerate(sums) if h is not None and merged[i, 0] > 0]
-    ops.importance_max_with_(
-        [work[i] for i in present], [sums[i] for i in present], merged[present]
-    )
+    ops.accumulate_with_([work[i] for i in present], [sums[i] for i in present], merged[present])
     return []

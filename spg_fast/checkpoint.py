@@ -2,11 +2,12 @@
 
 DCP loads in place: it asks each entry for its ``state_dict()``, reads the saved values into those
 tensors, then hands them to ``load_state_dict``. ``SPG.state_dict()`` cannot serve that directly:
-before the first task it has no importance tensors to read into, and after it they are SPG's live
-``A``, which a checkpoint that then fails validation would already have overwritten. ``SPGState``
-offers DCP a copy of ``A`` (zeros before the first task), laid out as the parameters (DTensor shards
-on an FSDP2 model, so DCP reshards across different world sizes), and installs what DCP read through
-``SPG.load_state_dict``, which validates it on every rank before anything changes::
+before the first task it has no keep-factor tensors to read into, and after it they are SPG's live
+ones, which a checkpoint that then fails validation would already have overwritten. ``SPGState``
+offers DCP a copy of the stored keep factors (keep factors of 1 before the first task), laid out as
+the parameters (DTensor shards on an FSDP2 model, so DCP reshards across different world sizes),
+and installs what DCP read through ``SPG.load_state_dict``, which validates it on every rank before
+anything changes::
 
     state = {"model": get_model_state_dict(model), "spg": SPGState(spg)}
     dcp.save(state, checkpoint_id=path)
@@ -18,17 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from spg_fast import _sharded as sharded
-from spg_fast.reference import compute_dtype
 from spg_fast.spg import SPG
 
 
 class SPGState:
     """A ``torch.distributed.checkpoint.stateful.Stateful`` for ``spg``; see the module docstring.
-    Holds a copy of ``A`` only while DCP works with its ``state_dict()``."""
+    Holds a copy of the keep factors only while DCP works with its ``state_dict()``."""
 
     def __init__(self, spg: SPG) -> None:
         if not isinstance(spg, SPG):
@@ -36,24 +32,17 @@ class SPGState:
         self.spg = spg
 
     def state_dict(self) -> dict[str, Any]:
-        """``SPG.state_dict()`` with a copy of every shared parameter's importance (zeros before the
-        first task)."""
+        """``SPG.state_dict()`` with a copy of every shared parameter's stored keep factors (keep
+        factors of 1, no importance, before the first task)."""
         state = self.spg.state_dict()
-        importance: dict[str, Tensor] = {}
-        for name, param in self.spg.shared_parameters.items():
-            if name in state["importance"]:
-                importance[name] = state["importance"][name].clone()
-            else:
-                zeros = torch.zeros_like(sharded.local(param), dtype=compute_dtype(param.dtype))
-                importance[name] = (
-                    sharded.like(zeros, param) if sharded.is_sharded(param) else zeros
-                )
-        return {**state, "importance": importance}
+        keep = {
+            name: self.spg._stored_like(name, param).clone()
+            for name, param in self.spg.shared_parameters.items()
+        }
+        return {**state, "keep": keep}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Install what DCP read (``SPG.load_state_dict``; the zeros of a checkpoint taken before
-        the first task are dropped)."""
+        """Install what DCP read (``SPG.load_state_dict``; the keep factors of a checkpoint taken
+        before the first task are dropped)."""
         tasks = state_dict.get("tasks_finished")
-        self.spg.load_state_dict(
-            {**state_dict, "importance": state_dict.get("importance") if tasks else {}}
-        )
+        self.spg.load_state_dict({**state_dict, "keep": state_dict.get("keep") if tasks else {}})

@@ -1,5 +1,7 @@
-"""Drop-in SPG masking for any ``torch.optim.Optimizer``: a wrapping optimizer, or a step pre-hook;
-and the registry that lets each optimizer be masked by at most one SPG object, once."""
+"""Drop-in SPG masking for any ``torch.optim.Optimizer``: a wrapping optimizer (``SPG.wrap``) or
+torch's step hooks on the optimizer itself (``SPG.attach``), both in the mode
+``spg_fast.mask_mode`` picks per param group; and the registry that lets each optimizer be masked
+by at most one SPG object, once."""
 
 from __future__ import annotations
 
@@ -9,24 +11,26 @@ from itertools import chain
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
+from spg_fast import _sharded as sharded
+from spg_fast.mask_mode import MaskMode, check_mask, resolve
+
 Closure = Callable[[], Any]
-# What SPGOptimizer masks: the gradient before the step (the paper's method) or the update the
-# step made.
-MASK_MODES = ("gradient", "update")
 
 
 class Masker(Protocol):
     """What the integration needs of an SPG object (``spg_fast.SPG``)."""
 
-    def mask_gradients(self, params: Iterable[torch.Tensor] | None = None) -> None: ...
+    @property
+    def head_scale(self) -> Tensor | None: ...
 
-    def mask_updates(
-        self, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]
-    ) -> None: ...
+    def mask_gradients(self, params: Iterable[Tensor] | None = None) -> None: ...
 
-    def check_parameters(self, params: Iterable[torch.Tensor], where: str) -> None: ...
+    def _scale_updates(self, params: Sequence[Tensor], before: Sequence[Tensor]) -> None: ...
+
+    def _check_parameters(self, params: Iterable[Tensor], where: str) -> None: ...
 
 
 # Optimizer -> how it is masked. Weak keys: registering never keeps an optimizer alive.
@@ -34,15 +38,15 @@ _MASKED: weakref.WeakKeyDictionary[Optimizer, str] = weakref.WeakKeyDictionary()
 
 
 def register(spg: Masker, optimizer: Optimizer, how: str) -> None:
-    """Record that ``optimizer`` masks its gradients through ``spg`` (``how``: wrap, attach, a fused
-    optimizer); an optimizer already masked, by this SPG object or any other, is refused: it would
-    scale gradients twice."""
+    """Record that ``optimizer`` is masked through ``spg`` (``how``: wrap, attach, a fused
+    optimizer, a callback); an optimizer already masked, by this SPG object or any other, is
+    refused: it would be masked twice."""
     if optimizer in _MASKED:
         raise RuntimeError(
-            f"this {type(optimizer).__name__} already masks its gradients through an SPG object "
-            f"({_MASKED[optimizer]}); masking twice would scale gradients twice"
+            f"this {type(optimizer).__name__} is already masked through an SPG object "
+            f"({_MASKED[optimizer]}); masking twice would scale its steps twice"
         )
-    spg.check_parameters(
+    spg._check_parameters(
         (p for g in optimizer.param_groups for p in g["params"]),
         f"SPG.{how}({type(optimizer).__name__})",
     )
@@ -53,27 +57,87 @@ def unregister(optimizer: Optimizer) -> None:
     _MASKED.pop(optimizer, None)
 
 
-def _params(optimizer: Optimizer) -> chain[torch.Tensor]:
+class StepMask:
+    """SPG's mask around the steps of one optimizer, per param group in its mode
+    (``spg_fast.mask_mode.resolve``).
+
+    ``before(closure)`` runs before the step: gradient-mode groups get their gradients masked (after
+    every call of the closure, when there is one); update-mode groups get their parameters copied
+    into snapshot buffers. ``after()`` runs after the step: the change each update-mode parameter
+    made is scaled (``SPG._scale_updates``). The snapshot buffers are allocated once per parameter,
+    the first time it is masked on its update, and kept (one parameter-sized buffer each: the
+    memory update masking costs around an optimizer that cannot do it in its own step, which
+    ``spg_fast.optim`` does). Before the first ``end_task`` nothing is done or allocated.
+    """
+
+    def __init__(self, spg: Masker, optimizer: Optimizer, mask: MaskMode) -> None:
+        check_mask(mask)
+        self._spg = spg
+        self._optimizer = optimizer
+        self.mask = mask
+        self._snapshots: dict[Tensor, Tensor] = {}
+        self._pending: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def modes(self) -> list[str]:
+        """The mode of each param group now."""
+        return [resolve(self.mask, self._optimizer, g) for g in self._optimizer.param_groups]
+
+    def _split(self) -> tuple[list[Tensor], list[Tensor]]:
+        gradient: list[Tensor] = []
+        update: list[Tensor] = []
+        for group, mode in zip(self._optimizer.param_groups, self.modes(), strict=True):
+            (gradient if mode == "gradient" else update).extend(group["params"])
+        return gradient, update
+
+    @torch.no_grad()
+    def before(self, closure: Closure | None) -> Closure | None:
+        """Mask gradients or snapshot parameters for the step about to run; returns the closure
+        to pass to the step (``closure`` wrapped so that gradients are masked after every call)."""
+        self._pending = None
+        if self._spg.head_scale is None:
+            return closure
+        gradient, update = self._split()
+        if update:
+            # Without a closure only parameters with a gradient can move; with one, the closure
+            # makes the gradients, so every parameter is snapshotted.
+            moving = update if closure is not None else [p for p in update if p.grad is not None]
+            if moving:
+                snapshots = [self._snapshot(p) for p in moving]
+                torch._foreach_copy_(snapshots, [sharded.local(p) for p in moving])
+                self._pending = (moving, snapshots)
+        if not gradient:
+            return closure
+        if closure is None:
+            self._spg.mask_gradients(gradient)
+            return None
+
+        def masked_closure() -> Any:
+            loss = closure()
+            self._spg.mask_gradients(gradient)
+            return loss
+
+        return masked_closure
+
+    def after(self) -> None:
+        """Scale the change the step made to each parameter snapshotted by ``before``."""
+        if self._pending is not None:
+            params, snapshots = self._pending
+            self._pending = None
+            self._spg._scale_updates(params, snapshots)
+
+    def _snapshot(self, p: Tensor) -> Tensor:
+        buffer = self._snapshots.get(p)
+        if buffer is None:
+            buffer = self._snapshots[p] = torch.empty_like(sharded.local(p))
+        return buffer
+
+
+def _params(optimizer: Optimizer) -> chain[Tensor]:
     return chain.from_iterable(g["params"] for g in optimizer.param_groups)
 
 
-def _masked(spg: Masker, optimizer: Optimizer, closure: Closure | None) -> Closure | None:
-    """Mask ``optimizer``'s gradients now, or, given a closure (which recomputes them), after each
-    call of it."""
-    if closure is None:
-        spg.mask_gradients(_params(optimizer))
-        return None
-
-    def masked_closure() -> Any:
-        loss = closure()
-        spg.mask_gradients(_params(optimizer))
-        return loss
-
-    return masked_closure
-
-
 class SPGOptimizer(Optimizer):
-    """An optimizer that soft-masks gradients with SPG, then steps the optimizer it wraps.
+    """An optimizer that steps the optimizer it wraps with SPG's mask (``spg_fast.mask_mode``).
 
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so LR
     schedulers, ``GradScaler``, ``state_dict``/``load_state_dict`` (interchangeable with the wrapped
@@ -81,9 +145,8 @@ class SPGOptimizer(Optimizer):
     around the masked step.
     """
 
-    def __init__(self, optimizer: Optimizer, spg: Masker, *, mask: str = "gradient") -> None:
-        if mask not in MASK_MODES:
-            raise ValueError(f"mask={mask!r} is not one of {', '.join(MASK_MODES)}")
+    def __init__(self, optimizer: Optimizer, spg: Masker, *, mask: MaskMode = "auto") -> None:
+        check_mask(mask)
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"SPG.wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -93,7 +156,7 @@ class SPGOptimizer(Optimizer):
         register(spg, optimizer, "wrap")
         self._optimizer = optimizer
         self._spg = spg
-        self._mask = mask
+        self._mask = StepMask(spg, optimizer, mask)
         # Optimizer.__setstate__ creates the hook registries and patches step; unlike __init__ it
         # does not assign param_groups or state, which here belong to the wrapped optimizer.
         super().__setstate__({})
@@ -102,6 +165,15 @@ class SPGOptimizer(Optimizer):
     def optimizer(self) -> Optimizer:
         """The wrapped optimizer."""
         return self._optimizer
+
+    @property
+    def mask(self) -> str:
+        """The mask mode asked for (``"auto"``, ``"gradient"`` or ``"update"``)."""
+        return self._mask.mask
+
+    def mask_modes(self) -> list[str]:
+        """The mode each param group is masked in now (``"auto"`` resolved)."""
+        return self._mask.modes()
 
     def __getattr__(self, name: str) -> Any:
         # Reached only for names this class lacks: what the wrapped optimizer adds to torch's
@@ -136,31 +208,22 @@ class SPGOptimizer(Optimizer):
         self._optimizer.defaults = value
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_optimizer": self._optimizer, "_spg": self._spg, "_mask": self._mask}
+        return {"_optimizer": self._optimizer, "_spg": self._spg, "_mask_mode": self.mask}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        mode = state.pop("_mask_mode", "auto")
         super().__setstate__(state)
+        self._mask = StepMask(self._spg, self._optimizer, mode)
         register(state["_spg"], self._optimizer, "wrap")
 
     def __repr__(self) -> str:
-        return f"SPGOptimizer({self._optimizer!r}, mask={self._mask!r})"
+        return f"SPGOptimizer({self._optimizer!r}, mask={self.mask!r})"
 
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
-        if self._mask == "update":
-            params = (
-                [p for p in _params(self._optimizer) if p.grad is not None]
-                if closure is None
-                else list(_params(self._optimizer))
-            )
-            with torch.no_grad():
-                before = torch._foreach_mul(
-                    params, 1.0
-                )  # a copy of every parameter in one multi-tensor launch
-            loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
-            self._spg.mask_updates(params, before)
-            return loss
-        masked = _masked(self._spg, self._optimizer, closure)
-        return self._optimizer.step() if masked is None else self._optimizer.step(masked)
+        masked = self._mask.before(closure)
+        loss = self._optimizer.step() if masked is None else self._optimizer.step(masked)
+        self._mask.after()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.zero_grad(set_to_none=set_to_none)
@@ -169,8 +232,8 @@ class SPGOptimizer(Optimizer):
         """Add a group to the wrapped optimizer (e.g. a new task's head); its parameters must be
         known to SPG."""
         params = param_group.get("params", [])
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        self._spg.check_parameters(params, "SPGOptimizer.add_param_group")
+        params = [params] if isinstance(params, Tensor) else list(params)
+        self._spg._check_parameters(params, "SPGOptimizer.add_param_group")
         self._optimizer.add_param_group({**param_group, "params": params})
 
     def state_dict(self) -> dict[str, Any]:
@@ -193,26 +256,44 @@ class SPGOptimizer(Optimizer):
 
 
 class AttachHandle:
-    """Returned by ``SPG.attach``: ``remove()`` stops the masking (also usable as a
-    context manager)."""
+    """Returned by ``SPG.attach``: ``remove()`` stops the masking (also usable as a context
+    manager)."""
 
-    def __init__(self, spg: Masker, optimizer: Optimizer) -> None:
-        self._spg = spg
+    def __init__(self, spg: Masker, optimizer: Optimizer, mask: MaskMode) -> None:
         self._optimizer = optimizer
-        self._hook = optimizer.register_step_pre_hook(self._pre_step)
+        self._mask = StepMask(spg, optimizer, mask)
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+
+    @property
+    def mask(self) -> str:
+        """The mask mode asked for (``"auto"``, ``"gradient"`` or ``"update"``)."""
+        return self._mask.mask
+
+    def mask_modes(self) -> list[str]:
+        """The mode each param group is masked in now (``"auto"`` resolved)."""
+        return self._mask.modes()
 
     def _pre_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # The hook sees step's own arguments, ``self`` first; a closure may come positionally or
-        # by keyword.
+        # The hook sees step's own arguments, ``self`` first; a closure may come positionally or by
+        # keyword.
         if "closure" in kwargs:
-            return args, {**kwargs, "closure": _masked(self._spg, optimizer, kwargs["closure"])}
+            return args, {**kwargs, "closure": self._mask.before(kwargs["closure"])}
         if len(args) > 1:
-            return (args[0], _masked(self._spg, optimizer, args[1]), *args[2:]), kwargs
-        _masked(self._spg, optimizer, None)
+            return (args[0], self._mask.before(args[1]), *args[2:]), kwargs
+        self._mask.before(None)
         return None
 
+    def _post_step(
+        self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self._mask.after()
+
     def remove(self) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         unregister(self._optimizer)
 
     def __enter__(self) -> AttachHandle:
@@ -222,12 +303,12 @@ class AttachHandle:
         self.remove()
 
 
-def attach(spg: Masker, optimizer: Optimizer) -> AttachHandle:
-    """Make ``optimizer.step()`` soft-mask its gradients first, leaving the optimizer object as
-    it is."""
+def attach(spg: Masker, optimizer: Optimizer, *, mask: MaskMode = "auto") -> AttachHandle:
+    """Make ``optimizer.step()`` apply SPG's mask, leaving the optimizer object as it is."""
+    check_mask(mask)
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"SPG.attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, SPGOptimizer):
-        raise TypeError("SPG.attach: this SPGOptimizer already masks its gradients")
+        raise TypeError("SPG.attach: this SPGOptimizer already applies SPG's mask")
     register(spg, optimizer, "attach")
-    return AttachHandle(spg, optimizer)
+    return AttachHandle(spg, optimizer, mask)

@@ -14,16 +14,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from spg_fast import storage
+
 __all__ = [
+    "accumulate_",
+    "accumulate_with_",
     "compute_dtype",
     "float64_sum",
     "head_scale",
     "importance",
-    "importance_max_",
-    "importance_max_with_",
+    "keep",
     "keep_factors",
     "merge_moments",
     "moments",
+    "scale_updates_",
     "soft_mask_",
     "standardizer",
 ]
@@ -183,12 +187,31 @@ def standardizer(stats: Tensor) -> _Standardizer:
 def _standardized_chunks(
     x: Tensor, st: _Standardizer, buf: Tensor
 ) -> Iterator[tuple[int, int, Tensor]]:
-    """``(lo, hi, |tanh(z)|)`` for each chunk of the flat tensor ``x``, in float64 in ``buf``
+    """``(lo, hi, |z|)`` for each chunk of the flat tensor ``x``, in float64 in ``buf``
     (overwritten by the next chunk)."""
     for lo, hi in _spans(x.numel(), x.device):
         b = buf[: hi - lo]
-        b.copy_(x[lo:hi]).sub_(st.pivot).sub_(st.mean).mul_(st.inv_std).abs_().tanh_()
+        b.copy_(x[lo:hi]).sub_(st.pivot).sub_(st.mean).mul_(st.inv_std).abs_()
         yield lo, hi, b
+
+
+def _keep_(z: Tensor, scratch: Tensor) -> Tensor:
+    """``1 - tanh(z)`` for ``z >= 0`` in place, as ``2e / (1 + e)`` with ``e = exp(-2z)``: no
+    cancellation, so a keep factor far below float64's epsilon keeps its relative precision."""
+    e = z.mul_(-2).exp_()
+    denominator = torch.add(e, 1, out=scratch[: e.numel()])
+    return e.mul_(2).div_(denominator)
+
+
+def _checked_flat(h: Tensor, name: str) -> tuple[Tensor, Tensor, _Standardizer]:
+    if not h.is_floating_point():
+        raise TypeError(f"{name}: importance needs a floating-point tensor, got dtype {h.dtype}")
+    flat = h.reshape(-1)
+    buf = _buffer(flat.numel(), h.device)
+    st = _standardizer(flat, buf)
+    if not bool(st.finite):
+        raise FloatingPointError(f"{name}: gradient holds non-finite values (NaN or Inf)")
+    return flat, buf, st
 
 
 def importance(h: Tensor, name: str = "gradient") -> Tensor:
@@ -202,18 +225,25 @@ def importance(h: Tensor, name: str = "gradient") -> Tensor:
     the final rounding (at most 2**-25 absolute in float32), even for tensors whose mean dwarfs
     their spread.
     """
-    if not h.is_floating_point():
-        raise TypeError(f"{name}: importance needs a floating-point tensor, got dtype {h.dtype}")
     out = torch.empty(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
     if h.numel() == 0:
         return out
-    flat, out_flat = h.reshape(-1), out.view(-1)
-    buf = _buffer(flat.numel(), h.device)
-    st = _standardizer(flat, buf)
-    if not bool(st.finite):
-        raise FloatingPointError(f"{name}: gradient holds non-finite values (NaN or Inf)")
-    for lo, hi, g in _standardized_chunks(flat, st, buf):
-        out_flat[lo:hi].copy_(g)
+    flat, buf, st = _checked_flat(h, name)
+    for lo, hi, z in _standardized_chunks(flat, st, buf):
+        out.view(-1)[lo:hi].copy_(z.tanh_())
+    return out
+
+
+def keep(h: Tensor, name: str = "gradient") -> Tensor:
+    """The keep factor ``1 - importance(h)`` in ``compute_dtype``, formed in float64 without
+    cancellation (``spg_fast.storage``) and rounded once: the reference float32 keep factor."""
+    out = torch.empty(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
+    if h.numel() == 0:
+        return out
+    flat, buf, st = _checked_flat(h, name)
+    scratch = torch.empty_like(buf)
+    for lo, hi, z in _standardized_chunks(flat, st, buf):
+        out.view(-1)[lo:hi].copy_(_keep_(z, scratch))
     return out
 
 
@@ -227,9 +257,9 @@ def _check_lists(what: str, first: Sequence[Tensor], second: Sequence[Tensor]) -
             raise ValueError(f"{what}: tensor {i} has shapes {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def _importance_max_one(acc: Tensor, h: Tensor, st: _Standardizer | None = None) -> Tensor:
-    """``acc <- max(acc, importance(h))`` unless ``h`` holds a non-finite value; returns that
-    flag (0-dim bool). ``st``: the standardiser to use (default: ``h``'s own statistics)."""
+def _accumulate_one(stored: Tensor, h: Tensor, st: _Standardizer | None = None) -> Tensor:
+    """``stored <- min(stored, encode(keep(h)))`` unless ``h`` holds a non-finite value; returns
+    that flag (0-dim bool). ``st``: the standardiser to use (default: ``h``'s own statistics)."""
     if h.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=h.device) if st is None else ~st.finite
     flat = h.reshape(-1)
@@ -241,103 +271,136 @@ def _importance_max_one(acc: Tensor, h: Tensor, st: _Standardizer | None = None)
     on_cpu = h.device.type == "cpu"
     if on_cpu and not bool(st.finite):
         return ~st.finite
-    work = acc.view(-1) if acc.is_contiguous() else acc.reshape(-1)
-    # The importance is rounded once to compute_dtype(h.dtype), as the kernels do, before the max
-    # (for a float32 A that also keeps the max in float32, where a float64 operand would make torch
-    # form a float64 temporary).
-    out_dtype = compute_dtype(h.dtype)
-    rounded = torch.empty_like(buf, dtype=out_dtype) if out_dtype != torch.float64 else None
+    work = stored.view(-1) if stored.is_contiguous() else stored.reshape(-1)
+    # The keep factor is rounded once to compute_dtype(h.dtype), as the kernels do, then encoded.
+    rounding = compute_dtype(h.dtype)
+    scratch = torch.empty_like(buf)
     for lo, hi, z in _standardized_chunks(flat, st, buf):
-        g = z if rounded is None else rounded[: hi - lo].copy_(z)
+        code = storage.encode(_keep_(z, scratch).to(rounding), stored.dtype)
         a = work[lo:hi]
         if on_cpu:
-            torch.maximum(a, g, out=a)
+            torch.minimum(a, code, out=a)
         else:
-            a.copy_(torch.where(st.finite, torch.maximum(a, g), a))
-    if not acc.is_contiguous():
-        acc.copy_(work.view(acc.shape))
+            a.copy_(torch.where(st.finite, torch.minimum(a, code), a))
+    if not stored.is_contiguous():
+        stored.copy_(work.view(stored.shape))
     return ~st.finite
 
 
-def importance_max_(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    """``A <- max(A, importance(h))`` for each pair; returns a bool tensor flagging the
-    non-finite ``h``.
+def accumulate_(stored: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """``A <- max(A, importance(h))`` in the stored keep domain (``spg_fast.storage``): ``stored <-
+    min(stored, encode(keep(h)))`` for each pair; returns a bool tensor flagging the non-finite
+    ``h``.
 
-    An accumulator whose gradient holds a non-finite value is left untouched, and its flag is set,
-    so the caller can report it without a host synchronisation per tensor.
+    Stored keep factors whose gradient holds a non-finite value are left untouched, and their flag
+    is set, so the caller can report it without a host synchronisation per tensor.
     """
-    _check_lists("importance_max_", accumulators, grads)
-    flags = [_importance_max_one(acc, h) for acc, h in zip(accumulators, grads, strict=True)]
+    _check_lists("accumulate_", stored, grads)
+    flags = [_accumulate_one(k, h) for k, h in zip(stored, grads, strict=True)]
     if not flags:
         return torch.zeros(0, dtype=torch.bool)
     return torch.stack(flags)
 
 
-def importance_max_with_(
-    accumulators: Sequence[Tensor], grads: Sequence[Tensor], stats: Tensor
-) -> Tensor:
-    """``importance_max_`` for pieces of larger tensors: ``A <- max(A, |tanh((h - mean) / std)|)``
-    with the statistics of each whole tensor given (``stats[i]``: its merged ``moments``), not those
-    of the piece ``h``. A whole tensor that is not finite leaves its piece's accumulator untouched
-    and sets its flag."""
-    _check_lists("importance_max_with_", accumulators, grads)
+def accumulate_with_(stored: Sequence[Tensor], grads: Sequence[Tensor], stats: Tensor) -> Tensor:
+    """``accumulate_`` for pieces of larger tensors, with the statistics of each whole tensor
+    given (``stats[i]``: its merged ``moments``), not those of the piece ``h``. A whole tensor that
+    is not finite leaves its piece's stored keep factors untouched and sets its flag."""
+    _check_lists("accumulate_with_", stored, grads)
     if len(stats) != len(grads):
         raise ValueError(
-            f"importance_max_with_: got {len(grads)} tensors but {len(stats)} rows of statistics"
+            f"accumulate_with_: got {len(grads)} tensors but {len(stats)} rows of statistics"
         )
     flags = [
-        _importance_max_one(acc, h, standardizer(row))
-        for acc, h, row in zip(accumulators, grads, stats, strict=True)
+        _accumulate_one(k, h, standardizer(row))
+        for k, h, row in zip(stored, grads, stats, strict=True)
     ]
     return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
-def keep_factors(importances: Sequence[Tensor]) -> list[Tensor]:
-    """``1 - A`` in ``compute_dtype`` for each accumulated importance: what each shared gradient is
-    multiplied by."""
-    return [torch.rsub(a.to(compute_dtype(a.dtype)), 1) for a in importances]
+def keep_factors(stored: Sequence[Tensor]) -> list[Tensor]:
+    """The keep factors ``1 - A`` that stored importance stands for (``spg_fast.storage.decode``):
+    what each shared gradient or update is multiplied by."""
+    return [storage.decode(k) for k in stored]
 
 
 def head_scale(
-    importances: Sequence[Tensor],
+    stored: Sequence[Tensor],
     *,
     numel: int | None = None,
     reduce: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """``1 - mean(A)`` over all elements of all importances taken together, as a 0-dim tensor in the
-    widest ``compute_dtype`` of the importances (float32; float64 for a float64 model, as the
-    authors' code keeps it).
+    """``1 - mean(A)``, the mean keep factor over all elements of all stored tensors taken
+    together, as a 0-dim tensor in the widest keep dtype (float32; float64 for float64 storage, as
+    the authors' code keeps a float64 model's).
 
     The sum is taken in float64 so that the mean of a billion-element model is exact to float32
     precision. For shards of larger tensors, ``numel`` is the element count of the whole tensors and
     ``reduce`` sums the float64 total across the shards' holders in place (an all-reduce)."""
-    if not importances:
-        raise ValueError("head_scale needs at least one importance tensor")
-    total_numel = sum(a.numel() for a in importances) if numel is None else numel
+    if not stored:
+        raise ValueError("head_scale needs at least one stored importance tensor")
+    total_numel = sum(k.numel() for k in stored) if numel is None else numel
     if total_numel == 0:
         raise ValueError("head_scale: the importance tensors hold no elements")
-    total = torch.stack([float64_sum(a) for a in importances]).sum()
+    total = torch.stack([float64_sum(storage.decode(k)) for k in stored]).sum()
     if reduce is not None:
         reduce(total)
-    dtype = functools.reduce(torch.promote_types, (compute_dtype(a.dtype) for a in importances))
-    return (1 - total / total_numel).to(dtype)
+    dtype = functools.reduce(torch.promote_types, (storage.keep_dtype(k.dtype) for k in stored))
+    return (total / total_numel).to(dtype)
+
+
+def _expanded(scale: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+    # A 0-dim tensor does not take part in type promotion, so multiplying a bfloat16 tensor by it
+    # would first round the scale to bfloat16; an expanded view promotes like any tensor and keeps
+    # the product in float32.
+    return [scale.expand(t.shape) for t in tensors]
 
 
 def soft_mask_(
-    grads: Sequence[Tensor], keeps: Sequence[Tensor], head_grads: Sequence[Tensor], scale: Tensor
+    grads: Sequence[Tensor], stored: Sequence[Tensor], head_grads: Sequence[Tensor], scale: Tensor
 ) -> None:
     """In place: ``g <- g * keep`` for each shared gradient, ``g <- g * scale`` for each
     head gradient.
 
-    ``keeps`` are the ``keep_factors`` of the shared parameters and ``scale`` is ``head_scale``, a
-    device tensor: nothing here synchronises with the host. Products are formed in float32 (or
-    wider) and rounded once to the gradient's dtype.
+    ``stored`` are the shared parameters' stored keep factors (decoded here; float32 and float64
+    storage is used as it is) and ``scale`` is ``head_scale``, a device tensor: nothing here
+    synchronises with the host. Products are formed in float32 (or wider) and rounded once to the
+    gradient's dtype.
     """
-    _check_lists("soft_mask_", grads, keeps)
+    _check_lists("soft_mask_", grads, stored)
     if grads:
-        torch._foreach_mul_(list(grads), list(keeps))
+        torch._foreach_mul_(list(grads), keep_factors(stored))
     if head_grads:
-        # A 0-dim tensor does not take part in type promotion, so multiplying a bfloat16 gradient by
-        # it would first round the scale to bfloat16; an expanded view promotes like any tensor and
-        # keeps the product in float32.
-        torch._foreach_mul_(list(head_grads), [scale.expand(h.shape) for h in head_grads])
+        torch._foreach_mul_(list(head_grads), _expanded(scale, head_grads))
+
+
+def _scale_changes_(params: list[Tensor], before: list[Tensor], factors: list[Tensor]) -> None:
+    """``p <- before + factor * (p - before)`` per triple; ``before`` is clobbered."""
+    same = [i for i, (p, f) in enumerate(zip(params, factors, strict=True)) if p.dtype == f.dtype]
+    if len(same) == len(params):  # two passes: lerp into ``before``, copy back
+        torch._foreach_lerp_(before, params, factors)
+        torch._foreach_copy_(params, before)
+        return
+    torch._foreach_sub_(params, before)
+    torch._foreach_mul_(params, factors)
+    torch._foreach_add_(params, before)
+
+
+def scale_updates_(
+    params: Sequence[Tensor],
+    before: Sequence[Tensor],
+    stored: Sequence[Tensor],
+    head_params: Sequence[Tensor],
+    head_before: Sequence[Tensor],
+    scale: Tensor,
+) -> None:
+    """In place, the update mask: ``p <- p_before + keep * (p - p_before)`` for each shared
+    parameter, ``p <- p_before + scale * (p - p_before)`` for each head, where ``before`` holds the
+    values before the optimizer's step (and is overwritten here)."""
+    _check_lists("scale_updates_", params, stored)
+    _check_lists("scale_updates_", params, before)
+    _check_lists("scale_updates_", head_params, head_before)
+    if params:
+        _scale_changes_(list(params), list(before), keep_factors(stored))
+    if head_params:
+        _scale_changes_(list(head_params), list(head_before), _expanded(scale, head_params))

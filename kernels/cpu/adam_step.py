@@ -1,5 +1,5 @@
-"""Native CPU masked Adam / AdamW: ``spg_adam_step_<dtype>`` of ``fused_steps.c``, with the
-signature of the Triton ``adam_step_`` (mask factors here are keep factors ``1 - A``)."""
+"""Native CPU masked Adam / AdamW: ``spg_adam_step_*`` of ``fused_steps.c``, with the signature of
+the Triton ``adam_step_``."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from spg_fast.kernels.cpu.launch import launch
 def adam_step_(
     params: list[Tensor],
     grads: list[Tensor],
-    factors: list[Tensor],
+    keeps: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     scale: Tensor | None,
+    update: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr: float | Tensor,
@@ -39,7 +40,8 @@ def adam_step_(
             f"adam step: {len(params)} parameters take {len(params)} step counts, got {len(steps)}"
         )
     lr = float(lr)
-    decay, coupled = (1.0 - lr * weight_decay, 0.0) if decoupled else (1.0, float(weight_decay))
+    decoupled_wd = lr * weight_decay if decoupled else 0.0
+    coupled = 0.0 if decoupled else float(weight_decay)
     state = {
         "exp_avgs": (exp_avgs, True),
         "exp_avg_sqs": (exp_avg_sqs, True),
@@ -50,14 +52,16 @@ def adam_step_(
         "adam",
         params,
         grads,
-        factors,
+        keeps,
         state,
         [float(s) + 1 for s in steps],
         scale,
+        update,
         grad_scale,
         found_inf,
         maximize,
-        decay,
+        1.0 - decoupled_wd,
+        decoupled_wd,
         coupled,
         double(lr),
         double(beta1),

@@ -1,5 +1,5 @@
-"""Native CPU masked SGD: ``spg_sgd_step_<dtype>`` of ``fused_steps.c``, with the signature of the
-Triton ``sgd_step_`` (mask factors here are keep factors ``1 - A``)."""
+"""Native CPU masked SGD: ``spg_sgd_step_*`` of ``fused_steps.c``, with the signature of the Triton
+``sgd_step_``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from spg_fast.kernels.cpu.launch import launch
 def sgd_step_(
     params: list[Tensor],
     grads: list[Tensor],
-    factors: list[Tensor],
+    keeps: list[Tensor],
     momentum_buffers: list[Tensor],
     first_step: list[bool],
     scale: Tensor | None,
+    update: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr: float | Tensor,
@@ -26,9 +27,10 @@ def sgd_step_(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """Masked SGD over contiguous CPU ``params`` of one dtype, shared first (times ``factors``),
-    then heads (times ``scale``; None: no mask yet). Momentum buffers (none without momentum) are
-    set to the masked gradient where ``first_step``."""
+    """Masked SGD over contiguous CPU ``params`` of one dtype, shared first (their stored keep
+    factors ``keeps``), then heads (keep factor ``scale``; None: no mask yet); ``update``: mask the
+    update rather than the gradient. Momentum buffers (none without momentum) are set to the
+    (masked) gradient where ``first_step``."""
     if len(first_step) != len(params):
         raise ValueError(
             f"sgd step: {len(params)} parameters take {len(params)} first-step flags, got "
@@ -38,10 +40,11 @@ def sgd_step_(
         "sgd",
         params,
         grads,
-        factors,
+        keeps,
         {"momentum buffers": (momentum_buffers, momentum != 0)},
         [float(f) for f in first_step],
         scale,
+        update,
         grad_scale,
         found_inf,
         maximize,

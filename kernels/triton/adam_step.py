@@ -1,6 +1,7 @@
-"""Fused masked Adam / AdamW: one pass over each parameter applies SPG's mask and
-``torch.optim.Adam``'s update (amsgrad, coupled or decoupled weight decay, maximize), for every
-parameter of one param group and dtype in one launch (see ``masked_step`` for what the steps share).
+"""Fused masked Adam / AdamW: one pass over each parameter applies SPG's mask (to the gradient or
+to the update) and ``torch.optim.Adam``'s update (amsgrad, coupled or decoupled weight decay,
+maximize), for every parameter of one param group and dtype in one launch (see ``masked_step`` for
+what the steps share).
 Step counts live on the device, one per tensor, and the bias corrections are formed from them in
 float64 inside the kernel, as torch forms them: no host synchronisation. The counts are advanced by
 a second, tiny launch over the same pointer table (in place of torch's ``_foreach_add_``)."""
@@ -16,11 +17,12 @@ from torch import Tensor
 from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
 from spg_fast.kernels.triton.masked_step import (
     f32_parts,
+    kept,
     launch_flags,
     live_tile,
-    masked_grad,
     present,
     split_lr,
+    step_grad,
 )
 from spg_fast.kernels.triton.multi_tensor import BLOCK, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
@@ -46,10 +48,13 @@ def _adam_tile(
     eps,
     weight_decay,
     decay,
+    lr_wd,
     step_size,
     bias2_sqrt,
     PDT: tl.constexpr,
+    ADT: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    UPDATE: tl.constexpr,
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
@@ -57,24 +62,14 @@ def _adam_tile(
     HAS_GRAD_SCALE: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    g = masked_grad(
-        g_ptr,
-        a_ptr,
-        scale_ptr,
-        offs,
-        inside,
-        is_shared,
-        grad_scale_ptr,
-        HAS_MASK,
-        HAS_GRAD_SCALE,
-        MAXIMIZE,
-        MASKED,
-    )
+    g = step_grad(g_ptr, offs, inside, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, MASKED)
+    if HAS_MASK:
+        if not UPDATE:
+            g = kept(g, a_ptr, scale_ptr, offs, inside, is_shared, ADT, MASKED)
     p = load(p_ptr, offs, inside, MASKED).to(tl.float32)
-    if DECOUPLED:
-        p = p * decay
-    elif HAS_WD:
-        g = g + weight_decay * p
+    if not DECOUPLED:
+        if HAS_WD:
+            g = g + weight_decay * p
     m = load(m_ptr, offs, inside, MASKED).to(tl.float32)
     v = load(v_ptr, offs, inside, MASKED).to(tl.float32)
     # torch's lerp: exact at either end of the weight range (beta1 = 0 gives m = g exactly).
@@ -94,13 +89,18 @@ def _adam_tile(
         v = tl.maximum(load(vmax_ptr, offs, inside, MASKED).to(tl.float32), v)
         store(vmax_ptr, offs, v.to(PDT), inside, MASKED)
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-    store(
-        p_ptr,
-        offs,
-        round_to(p - tl.math.div_rn(step_size * m.to(tl.float32), denom), PDT),
-        inside,
-        MASKED,
-    )
+    step = tl.math.div_rn(step_size * m.to(tl.float32), denom)
+    if UPDATE:
+        # The change torch's step makes, weight decay included, scaled by the keep factor.
+        change = step
+        if DECOUPLED:
+            change = change + lr_wd * p
+        p = p - kept(change, a_ptr, scale_ptr, offs, inside, is_shared, ADT, MASKED)
+    else:
+        if DECOUPLED:
+            p = p * decay
+        p = p - step
+    store(p_ptr, offs, round_to(p, PDT), inside, MASKED)
 
 
 @triton.jit
@@ -132,9 +132,11 @@ def _adam_step(
     eps,
     weight_decay,
     decay,
+    lr_wd,
     PDT: tl.constexpr,
     ADT: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    UPDATE: tl.constexpr,
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
@@ -153,6 +155,7 @@ def _adam_step(
     if LR_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float64)
         decay = (1.0 - lr * weight_decay).to(tl.float32)
+        lr_wd = (lr * weight_decay).to(tl.float32)
     else:
         lr = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
     log_beta1 = tl.cast(log_beta1_hi, tl.float64) + tl.cast(log_beta1_lo, tl.float64)
@@ -184,10 +187,13 @@ def _adam_step(
             eps,
             weight_decay,
             decay,
+            lr_wd,
             step_size,
             bias2_sqrt,
             PDT,
+            ADT,
             HAS_MASK,
+            UPDATE,
             HAS_WD,
             DECOUPLED,
             AMSGRAD,
@@ -214,10 +220,13 @@ def _adam_step(
             eps,
             weight_decay,
             decay,
+            lr_wd,
             step_size,
             bias2_sqrt,
             PDT,
+            ADT,
             HAS_MASK,
+            UPDATE,
             HAS_WD,
             DECOUPLED,
             AMSGRAD,
@@ -247,12 +256,13 @@ def _log(beta: float) -> float:
 def _adam_step_impl(
     params: list[Tensor],
     grads: list[Tensor],
-    importances: list[Tensor],
+    keeps: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     scale: Tensor | None,
+    update: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr: float,
@@ -267,7 +277,7 @@ def _adam_step_impl(
 ) -> None:
     device = params[0].device
     plan, work = plan_for(
-        [params, grads, importances, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], device, steps
+        [params, grads, keeps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], device, steps
     )
     with device_guard(device):
         _adam_step[plan.grid](
@@ -287,11 +297,12 @@ def _adam_step_impl(
             eps,
             weight_decay,
             1.0 - lr * weight_decay,
+            lr * weight_decay,
             HAS_WD=weight_decay != 0,
             DECOUPLED=decoupled,
             AMSGRAD=amsgrad,
             MAXIMIZE=maximize,
-            **launch_flags(params, work[2], scale, grad_scale, found_inf, lr_tensor, plan),
+            **launch_flags(params, work[2], update, scale, grad_scale, found_inf, lr_tensor, plan),
         )
         _advance_steps[(triton.cdiv(len(steps), BLOCK),)](
             plan.pointers[-1],
@@ -314,12 +325,13 @@ _adam_step_call = in_place_op(
 def adam_step_(
     params: list[Tensor],
     grads: list[Tensor],
-    importances: list[Tensor],
+    keeps: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     scale: Tensor | None,
+    update: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr: float | Tensor,
@@ -331,22 +343,24 @@ def adam_step_(
     amsgrad: bool,
     maximize: bool,
 ) -> None:
-    """Masked Adam (``decoupled``: AdamW) over ``params`` of one dtype, shared first then heads as
-    in ``sgd_step_``. ``steps`` are the float32 device step counts before this step; the kernel
-    advances them (by ``1 - found_inf`` under GradScaler), so no separate launch does.
-    ``max_exp_avg_sqs`` is empty without amsgrad. ``.grad`` is read, never written."""
+    """Masked Adam (``decoupled``: AdamW) over ``params`` of one dtype, shared first then heads,
+    keep factors and ``update`` as in ``sgd_step_``. ``steps`` are the float32 device step counts
+    before this step; this call advances them (by ``1 - found_inf`` under GradScaler) in a second,
+    tiny launch after the update. ``max_exp_avg_sqs`` is empty without amsgrad. ``.grad`` is read,
+    never written."""
     if not params:
         return
     lr_value, lr_tensor = split_lr(lr, params[0].device)
     _adam_step_call(
         params,
         grads,
-        importances,
+        keeps,
         exp_avgs,
         exp_avg_sqs,
         max_exp_avg_sqs,
         steps,
         scale,
+        update,
         grad_scale,
         found_inf,
         lr_value,

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-IMPORTANCE_DTYPES = (torch.float32, torch.bfloat16)
+# The stored keep factors the kernels read (spg_fast.storage).
+KEEP_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
 def check_pairs(

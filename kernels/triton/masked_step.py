@@ -1,14 +1,17 @@
-"""What the fused masked optimizer steps (``sgd_step``, ``adam_step``) share: the masked gradient
-and the live tile in Triton, and the host-side scalars and flags of a launch.
+"""What the fused masked optimizer steps (``sgd_step``, ``adam_step``) share: the gradient, the
+keep factor and the live tile in Triton, and the host-side scalars and flags of a launch.
 
 Each launch covers every parameter of one param group and dtype. Per tensor, the gradient is
-multiplied by ``1 - A`` (shared) or the head scale (heads), divided by GradScaler's
-``grad_scale`` and skipped entirely when its ``found_inf`` is set (both read on the device), then
-the optimizer's update runs in float32 registers and parameters and state are rounded once to
-their dtype. Hyperparameters are runtime arguments, so changing them (an LR schedule) never
-recompiles the kernel; ``lr`` may also be a tensor on the parameters' device, read by the kernel,
-so a step captured in a CUDA graph or compiled by ``torch.compile`` follows a scheduler that
-changes it in place.
+divided by GradScaler's ``grad_scale`` and the step skipped entirely when its ``found_inf`` is set
+(both read on the device); the keep factor is the stored one of a shared tensor (decoded in
+registers, ``keep_codec``) or the head scale of a head. With ``UPDATE`` false (gradient masking,
+the paper's rule) the gradient is multiplied by it before the optimizer's update; with ``UPDATE``
+true (update masking) the optimizer's update runs on the unmasked gradient and the change it makes
+to the parameter, weight decay included, is multiplied by it. The update runs in float32 registers
+and parameters and state are rounded once to their dtype. Hyperparameters are runtime arguments,
+so changing them (an LR schedule) never recompiles the kernel; ``lr`` may also be a tensor on the
+parameters' device, read by the kernel, so a step captured in a CUDA graph or compiled by
+``torch.compile`` follows a scheduler that changes it in place.
 
 Compiled Triton passes Python floats as float32 (its interpreter as float64), so every scalar torch
 forms in double is formed on the host and rounded once (``1 - beta``, ``1 - dampening``,
@@ -28,37 +31,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from spg_fast.kernels.triton.keep_codec import decode
 from spg_fast.kernels.triton.multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, LaunchPlan
 from spg_fast.kernels.triton.tiles import load, tile_of
 
 
 @triton.jit
-def masked_grad(
+def step_grad(
     g_ptr,
-    a_ptr,
-    scale_ptr,
     offs,
     inside,
-    is_shared,
     grad_scale_ptr,
-    HAS_MASK: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """The gradient as torch's optimizer would see it after SPG masking (and GradScaler unscaling),
-    in float32."""
+    """The gradient as torch's optimizer sees it (GradScaler's scale divided out, negated to
+    maximize), in float32, before any mask."""
     g = load(g_ptr, offs, inside, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = tl.math.div_rn(g, tl.load(grad_scale_ptr))
-    if HAS_MASK:
-        if is_shared:
-            g = g * (1.0 - load(a_ptr, offs, inside, MASKED).to(tl.float32))
-        else:
-            g = g * tl.load(scale_ptr)
     if MAXIMIZE:
         g = -g
     return g
+
+
+@triton.jit
+def kept(x, a_ptr, scale_ptr, offs, inside, is_shared, ADT: tl.constexpr, MASKED: tl.constexpr):
+    """``x`` times SPG's keep factor: the stored one of a shared tensor (``ADT``, decoded in
+    registers), the head scale of a head."""
+    if is_shared:
+        x = x * decode(load(a_ptr, offs, inside, MASKED), ADT)
+    else:
+        x = x * tl.load(scale_ptr)
+    return x
 
 
 @triton.jit
@@ -115,6 +121,7 @@ def split_lr(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | 
 def launch_flags(
     params: list[Tensor],
     importances: list[Tensor],
+    update: bool,
     scale: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
@@ -126,6 +133,7 @@ def launch_flags(
         PDT=TL_DTYPES[params[0].dtype],
         ADT=TL_DTYPES[importances[0].dtype] if importances else tl.float32,
         HAS_MASK=scale is not None,
+        UPDATE=update and scale is not None,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
         LR_TENSOR=lr_tensor is not None,

@@ -31,7 +31,12 @@ NUM_WARPS = 4
 # models per process.
 PLAN_CACHE_SIZE = 64
 # Pointer element types of the tensor dtypes the kernels take.
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.uint8: tl.uint8,
+}
 
 
 def is_dense(t: Tensor) -> bool:

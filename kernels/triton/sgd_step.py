@@ -1,6 +1,7 @@
-"""Fused masked SGD: one pass over each parameter applies SPG's mask and ``torch.optim.SGD``'s
-update (momentum, dampening, nesterov, weight decay, maximize), for every parameter of one param
-group and dtype in one launch (see ``masked_step`` for what the steps share)."""
+"""Fused masked SGD: one pass over each parameter applies SPG's mask (to the gradient or to the
+update) and ``torch.optim.SGD``'s update (momentum, dampening, nesterov, weight decay, maximize),
+for every parameter of one param group and dtype in one launch (see ``masked_step`` for what the
+steps share)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from torch import Tensor
 
 from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
 from spg_fast.kernels.triton.masked_step import (
+    kept,
     launch_flags,
     live_tile,
-    masked_grad,
     present,
     split_lr,
+    step_grad,
 )
 from spg_fast.kernels.triton.multi_tensor import flag_table, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
@@ -38,7 +40,9 @@ def _sgd_tile(
     momentum,
     undamped,
     PDT: tl.constexpr,
+    ADT: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    UPDATE: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -46,19 +50,10 @@ def _sgd_tile(
     HAS_GRAD_SCALE: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    g = masked_grad(
-        g_ptr,
-        a_ptr,
-        scale_ptr,
-        offs,
-        inside,
-        is_shared,
-        grad_scale_ptr,
-        HAS_MASK,
-        HAS_GRAD_SCALE,
-        MAXIMIZE,
-        MASKED,
-    )
+    g = step_grad(g_ptr, offs, inside, grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, MASKED)
+    if HAS_MASK:
+        if not UPDATE:
+            g = kept(g, a_ptr, scale_ptr, offs, inside, is_shared, ADT, MASKED)
     p = load(p_ptr, offs, inside, MASKED).to(tl.float32)
     if HAS_WD:
         g = g + weight_decay * p
@@ -70,7 +65,10 @@ def _sgd_tile(
             g = g + momentum * buf.to(tl.float32)
         else:
             g = buf.to(tl.float32)
-    store(p_ptr, offs, round_to(p - lr * g, PDT), inside, MASKED)
+    change = lr * g
+    if UPDATE:
+        change = kept(change, a_ptr, scale_ptr, offs, inside, is_shared, ADT, MASKED)
+    store(p_ptr, offs, round_to(p - change, PDT), inside, MASKED)
 
 
 @triton.jit
@@ -95,6 +93,7 @@ def _sgd_step(
     PDT: tl.constexpr,
     ADT: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    UPDATE: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -132,7 +131,9 @@ def _sgd_step(
             momentum,
             undamped,
             PDT,
+            ADT,
             HAS_MASK,
+            UPDATE,
             HAS_WD,
             HAS_MOMENTUM,
             NESTEROV,
@@ -157,7 +158,9 @@ def _sgd_step(
             momentum,
             undamped,
             PDT,
+            ADT,
             HAS_MASK,
+            UPDATE,
             HAS_WD,
             HAS_MOMENTUM,
             NESTEROV,
@@ -170,10 +173,11 @@ def _sgd_step(
 def _sgd_step_impl(
     params: list[Tensor],
     grads: list[Tensor],
-    importances: list[Tensor],
+    keeps: list[Tensor],
     momentum_buffers: list[Tensor],
     first_step: list[bool],
     scale: Tensor | None,
+    update: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr: float,
@@ -185,9 +189,7 @@ def _sgd_step_impl(
     maximize: bool,
 ) -> None:
     device = params[0].device
-    plan, (work_p, _, work_a, work_b) = plan_for(
-        [params, grads, importances, momentum_buffers], device
-    )
+    plan, (work_p, _, work_a, work_b) = plan_for([params, grads, keeps, momentum_buffers], device)
     first = flag_table(tuple(first_step) or (False,) * len(params), device)
     with device_guard(device):
         _sgd_step[plan.grid](
@@ -207,7 +209,7 @@ def _sgd_step_impl(
             HAS_MOMENTUM=momentum != 0,
             NESTEROV=nesterov,
             MAXIMIZE=maximize,
-            **launch_flags(params, work_a, scale, grad_scale, found_inf, lr_tensor, plan),
+            **launch_flags(params, work_a, update, scale, grad_scale, found_inf, lr_tensor, plan),
         )
     write_back(params, work_p)
     write_back(momentum_buffers, work_b)
@@ -219,10 +221,11 @@ _sgd_step_call = in_place_op("sgd_step_", _sgd_step_impl, ("params", "momentum_b
 def sgd_step_(
     params: list[Tensor],
     grads: list[Tensor],
-    importances: list[Tensor],
+    keeps: list[Tensor],
     momentum_buffers: list[Tensor],
     first_step: list[bool],
     scale: Tensor | None,
+    update: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr: float | Tensor,
@@ -232,20 +235,23 @@ def sgd_step_(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """Masked SGD over ``params`` of one dtype: the first ``len(importances)`` are shared (mask
-    ``1 - A``), the rest heads (mask ``scale``); ``scale`` None means no mask yet.
-    ``momentum_buffers`` (empty without momentum) are set to the masked gradient where
-    ``first_step`` is True, as torch does. ``.grad`` is read, never written."""
+    """Masked SGD over ``params`` of one dtype: the first ``len(keeps)`` are shared (their stored
+    keep factors ``keeps``, ``spg_fast.storage``), the rest heads (keep factor ``scale``);
+    ``scale`` None means no mask yet. ``update``: mask the update (weight decay and momentum
+    included) rather than the gradient. ``momentum_buffers`` (empty without momentum) are set to
+    the (masked) gradient where ``first_step`` is True, as torch does. ``.grad`` is read, never
+    written."""
     if not params:
         return
     lr_value, lr_tensor = split_lr(lr, params[0].device)
     _sgd_step_call(
         params,
         grads,
-        importances,
+        keeps,
         momentum_buffers,
         first_step,
         scale,
+        update,
         grad_scale,
         found_inf,
         lr_value,

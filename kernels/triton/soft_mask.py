@@ -1,12 +1,12 @@
-"""Soft mask of a whole model in one launch per gradient dtype: ``g <- g * (1 - A)`` for shared
-gradients and ``g <- g * s`` for head gradients, ``s`` a device scalar. Reads ``A`` directly
-(``1 - A`` is formed in registers, bit-identical to ``spg_fast.reference``), so no keep-factor
-tensors are stored."""
+"""SPG's mask applied in place to a whole model, one launch per dtype: to gradients,
+``g <- g * keep`` (``soft_mask_``), or to the change an optimizer step made,
+``p <- before + keep * (p - before)`` (``scale_updates_``). ``keep`` is the stored keep factor of a
+shared tensor (``spg_fast.storage``, decoded in registers, bit-identical to
+``spg_fast.reference``) or the head scale, a device scalar, for a head."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import triton
@@ -14,168 +14,160 @@ import triton.language as tl
 from torch import Tensor
 
 from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
-from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES, check_dtypes, check_pairs
-from spg_fast.kernels.triton.multi_tensor import (
-    BLOCK,
-    NUM_WARPS,
-    PLAN_CACHE_SIZE,
-    TL_DTYPES,
-    LaunchPlan,
-    plan_for,
-    write_back,
-)
+from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, KEEP_DTYPES, check_dtypes, check_pairs
+from spg_fast.kernels.triton.masked_step import kept
+from spg_fast.kernels.triton.multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr, tile_of
 
 
 @triton.jit
 def _soft_mask_tile(
-    g_ptr, a_ptr, scale_ptr, offs, inside, is_shared, GDT: tl.constexpr, MASKED: tl.constexpr
+    x_ptr,
+    b_ptr,
+    a_ptr,
+    scale_ptr,
+    offs,
+    inside,
+    is_shared,
+    XDT: tl.constexpr,
+    ADT: tl.constexpr,
+    UPDATE: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    g = load(g_ptr, offs, inside, MASKED).to(tl.float32)
-    if is_shared:
-        out = g * (1.0 - load(a_ptr, offs, inside, MASKED).to(tl.float32))
+    x = load(x_ptr, offs, inside, MASKED).to(tl.float32)
+    if UPDATE:
+        before = load(b_ptr, offs, inside, MASKED).to(tl.float32)
+        out = before + kept(x - before, a_ptr, scale_ptr, offs, inside, is_shared, ADT, MASKED)
     else:
-        out = g * tl.load(scale_ptr)
-    store(g_ptr, offs, round_to(out, GDT), inside, MASKED)
+        out = kept(x, a_ptr, scale_ptr, offs, inside, is_shared, ADT, MASKED)
+    store(x_ptr, offs, round_to(out, XDT), inside, MASKED)
 
 
 @triton.jit
 def _soft_mask(
-    g_ptrs,
+    x_ptrs,
+    b_ptrs,
     a_ptrs,
     numels,
     tile_tensor,
     tile_start,
     scale_ptr,
     n_shared,
-    GDT: tl.constexpr,
+    XDT: tl.constexpr,
     ADT: tl.constexpr,
+    UPDATE: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     t, offs, n, full = tile_of(tile_tensor, tile_start, numels, BLOCK)
-    g_ptr = tensor_ptr(g_ptrs, t, GDT, ALIGNED)
+    x_ptr = tensor_ptr(x_ptrs, t, XDT, ALIGNED)
+    b_ptr = tensor_ptr(b_ptrs, t, XDT, ALIGNED)
     a_ptr = tensor_ptr(a_ptrs, t, ADT, ALIGNED)
     if full:
-        _soft_mask_tile(g_ptr, a_ptr, scale_ptr, offs, offs < n, t < n_shared, GDT, False)
+        _soft_mask_tile(
+            x_ptr, b_ptr, a_ptr, scale_ptr, offs, offs < n, t < n_shared, XDT, ADT, UPDATE, False
+        )
     else:
-        _soft_mask_tile(g_ptr, a_ptr, scale_ptr, offs, offs < n, t < n_shared, GDT, True)
+        _soft_mask_tile(
+            x_ptr, b_ptr, a_ptr, scale_ptr, offs, offs < n, t < n_shared, XDT, ADT, UPDATE, True
+        )
 
 
 def _check(
-    grads: Sequence[Tensor],
-    importances: Sequence[Tensor],
-    head_grads: Sequence[Tensor],
-    scale: Tensor,
+    op: str, xs: Sequence[Tensor], keeps: Sequence[Tensor], heads: Sequence[Tensor], scale: Tensor
 ) -> None:
-    check_pairs("soft_mask_", grads, importances, ("gradients", "importances"))
-    check_dtypes("soft_mask_", importances, IMPORTANCE_DTYPES, "importance")
-    check_dtypes("soft_mask_", [*grads, *head_grads], GRAD_DTYPES, "gradient")
-    for i, g in enumerate([*grads, *head_grads]):
-        if g.device != scale.device:
-            raise ValueError(
-                f"soft_mask_: gradient {i} is on {g.device}, the scale on {scale.device}"
-            )
+    check_pairs(op, xs, keeps, ("tensors", "keep factors"))
+    check_dtypes(op, keeps, KEEP_DTYPES, "keep factor")
+    check_dtypes(op, [*xs, *heads], GRAD_DTYPES, "tensor")
+    for i, x in enumerate([*xs, *heads]):
+        if x.device != scale.device:
+            raise ValueError(f"{op}: tensor {i} is on {x.device}, the scale on {scale.device}")
     if scale.numel() != 1 or scale.dtype != torch.float32:
         raise ValueError(
-            f"soft_mask_: scale must be a one-element float32 tensor, got {tuple(scale.shape)} "
+            f"{op}: scale must be a one-element float32 tensor, got {tuple(scale.shape)} "
             f"{scale.dtype}"
         )
 
 
-class _Launch(NamedTuple):
-    plan: LaunchPlan
-    n_shared: int
-    gdt: tl.dtype
-    adt: tl.dtype
-
-
-# Launches by call signature (every tensor's data pointer, size and dtype, and the scale's pointer):
-# a steady-state call skips the checks and the grouping by dtype, which cost more on the host than
-# the launch itself.
-_LAUNCHES: dict[tuple, list[_Launch]] = {}
-
-
-def _call_key(
-    grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor
-) -> tuple:
-    everything = (*grads, *head_grads, *importances)
-    return (
-        scale.data_ptr(),
-        len(grads),
-        len(head_grads),
-        *map(Tensor.data_ptr, everything),
-        *map(Tensor.numel, everything),
-        *(t.dtype for t in everything),
-    )
-
-
 def _launch(
-    grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor
-) -> _Launch | None:
-    """One launch for gradients of one dtype, shared ones first, then heads; returns it for reuse
-    (None when it went through dense copies, which are made afresh each call)."""
-    all_grads = [*grads, *head_grads]
-    plan, (work_g, work_a) = plan_for([all_grads, importances], scale.device)
-    adt = TL_DTYPES[work_a[0].dtype] if work_a else tl.float32
-    launch = _Launch(plan, len(work_a), TL_DTYPES[work_g[0].dtype], adt)
-    _run(launch, scale)
-    write_back(all_grads, work_g)
-    return launch if work_g is all_grads else None
-
-
-def _run(launch: _Launch, scale: Tensor) -> None:
-    plan = launch.plan
-    g_ptrs, a_ptrs = plan.pointers
+    xs: list[Tensor], befores: list[Tensor] | None, keeps: list[Tensor], scale: Tensor
+) -> None:
+    """One launch over ``xs`` of one dtype (the first ``len(keeps)`` shared, the rest heads)."""
+    lists = [xs, keeps] if befores is None else [xs, keeps, befores]
+    plan, work = plan_for(lists, scale.device)
+    x_ptrs, a_ptrs = plan.pointers[:2]
     _soft_mask[plan.grid](
-        g_ptrs,
+        x_ptrs,
+        plan.pointers[2] if befores is not None else x_ptrs,
         a_ptrs,
         plan.numels,
         plan.tile_tensor,
         plan.tile_start,
         scale,
-        launch.n_shared,
-        GDT=launch.gdt,
-        ADT=launch.adt,
+        len(keeps),
+        XDT=TL_DTYPES[work[0][0].dtype],
+        ADT=TL_DTYPES[keeps[0].dtype] if keeps else tl.float32,
+        UPDATE=befores is not None,
         BLOCK=BLOCK,
         ALIGNED=plan.aligned,
         num_warps=NUM_WARPS,
     )
+    write_back(xs, work[0])
+
+
+def _by_dtype(
+    xs: Sequence[Tensor],
+    befores: Sequence[Tensor] | None,
+    keeps: Sequence[Tensor],
+    heads: Sequence[Tensor],
+    head_befores: Sequence[Tensor] | None,
+    scale: Tensor,
+) -> None:
+    """One launch per (tensor dtype, keep dtype): shared tensors first, then heads."""
+    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list, list, list]] = {}
+    update = befores is not None
+    for i, (x, k) in enumerate(zip(xs, keeps, strict=True)):
+        if x.numel():
+            entry = groups.setdefault((x.dtype, k.dtype), ([], [], []))
+            entry[0].append(x)
+            entry[1].append(k)
+            entry[2].append(befores[i] if update else None)
+    for i, x in enumerate(heads):
+        if x.numel():
+            key = next((k for k in groups if k[0] == x.dtype), (x.dtype, torch.float32))
+            entry = groups.setdefault(key, ([], [], []))
+            entry[0].append(x)
+            entry[2].append(head_befores[i] if update else None)
+    with device_guard(scale.device):
+        for group_xs, group_keeps, group_befores in groups.values():
+            _launch(group_xs, group_befores if update else None, group_keeps, scale)
 
 
 def _soft_mask_impl(
-    grads: list[Tensor], importances: list[Tensor], head_grads: list[Tensor], scale: Tensor
+    grads: list[Tensor], keeps: list[Tensor], head_grads: list[Tensor], scale: Tensor
 ) -> None:
-    """Triton soft mask: ``g *= 1 - A`` per shared pair, ``g *= scale`` per head gradient, in place.
+    """Triton ``spg_fast.reference.soft_mask_``: ``g *= keep`` per shared pair, ``g *= scale`` per
+    head gradient, in place."""
+    _check("soft_mask_", grads, keeps, head_grads, scale)
+    _by_dtype(grads, None, keeps, head_grads, None, scale)
 
-    One launch per gradient dtype present. Unlike ``spg_fast.reference.soft_mask_`` (which takes the
-    keep factors ``1 - A``) this takes the importances ``A`` themselves.
-    """
-    if len(grads) == len(importances):
-        launches = _LAUNCHES.get(key := _call_key(grads, importances, head_grads, scale))
-        if launches is not None:
-            with device_guard(scale.device):
-                for launch in launches:
-                    _run(launch, scale)
-            return
-    _check(grads, importances, head_grads, scale)
-    groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
-    for g, a in zip(grads, importances, strict=True):
-        if g.numel():
-            entry = groups.setdefault((g.dtype, a.dtype), ([], [], []))
-            entry[0].append(g)
-            entry[1].append(a)
-    for g in head_grads:
-        if g.numel():
-            group = next((k for k in groups if k[0] == g.dtype), (g.dtype, torch.float32))
-            groups.setdefault(group, ([], [], []))[2].append(g)
-    with device_guard(scale.device):
-        launches = [_launch(shared, imps, heads, scale) for shared, imps, heads in groups.values()]
-    if all(launches):
-        _LAUNCHES[key] = launches
-        if len(_LAUNCHES) > PLAN_CACHE_SIZE:
-            del _LAUNCHES[next(iter(_LAUNCHES))]
+
+def _scale_updates_impl(
+    params: list[Tensor],
+    before: list[Tensor],
+    keeps: list[Tensor],
+    head_params: list[Tensor],
+    head_before: list[Tensor],
+    scale: Tensor,
+) -> None:
+    """Triton ``spg_fast.reference.scale_updates_``: ``p <- before + keep * (p - before)`` per
+    shared parameter, ``scale`` for heads, in place; ``before`` is only read."""
+    _check("scale_updates_", params, keeps, head_params, scale)
+    check_pairs("scale_updates_", params, before, ("parameters", "values before the step"))
+    check_pairs("scale_updates_", head_params, head_before, ("heads", "values before the step"))
+    _by_dtype(params, before, keeps, head_params, head_before, scale)
 
 
 soft_mask_ = in_place_op("soft_mask_", _soft_mask_impl, ("grads", "head_grads"))
+scale_updates_ = in_place_op("scale_updates_", _scale_updates_impl, ("params", "head_params"))

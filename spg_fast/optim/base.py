@@ -1,10 +1,12 @@
-"""What the fused masked optimizers share: construction checks, the per-step mask plan, GradScaler
-and closures."""
+"""What the fused masked optimizers share: construction (torch's own checks, then spg-fast's), the
+step plan of each param group, the fallback step around torch's fused kernels, GradScaler and
+closures."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,33 +14,39 @@ from torch.optim import Optimizer
 
 from spg_fast import _sharded as sharded
 from spg_fast._backend import StepKernels
+from spg_fast.mask_mode import MaskMode, check_mask, resolve
 from spg_fast.optimizer import register
 from spg_fast.spg import SPG
 
 
-def check_hyperparameters(**values: float | Tensor) -> None:
-    """Non-negative hyperparameters, with torch's messages (``Invalid learning rate: -1``); ``lr``
-    may be a one-element floating-point tensor, as in torch's optimizers (read on the device by
-    the kernels)."""
-    names = {
-        "lr": "learning rate",
-        "eps": "epsilon value",
-        "weight_decay": "weight_decay value",
-        "momentum": "momentum value",
-        "dampening": "dampening value",
-    }
-    for key, value in values.items():
-        if isinstance(value, Tensor):
-            if key != "lr":
-                raise TypeError(f"{key} as a Tensor is not supported; pass a float")
-            if value.numel() != 1 or not value.is_floating_point():
-                raise ValueError(
-                    f"Tensor lr must be a one-element floating-point tensor, got {value.dtype} of "
-                    f"shape {tuple(value.shape)}"
-                )
-            value = float(value)
-        if not value >= 0.0:
-            raise ValueError(f"Invalid {names[key]}: {value}")
+def torch_checked(
+    torch_class: type[Optimizer], params: Any, options: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """``params`` as a list of param groups, after ``torch_class`` has checked them and
+    ``options`` as torch does (an invalid value raises torch's own error), then spg-fast's own
+    limits: ``differentiable=True``, ``foreach=True``, ``fused=False`` and tensor ``betas`` are
+    refused by name (the step is always spg-fast's fused one)."""
+    groups = list(params) if not isinstance(params, Tensor) else [params]
+    # Torch fills defaults into group dicts it is given: it checks copies.
+    torch_class([dict(g) if isinstance(g, dict) else g for g in groups], **options)
+    where = torch_class.__name__
+    if options.get("differentiable"):
+        raise ValueError(
+            f"spg_fast.optim.{where}: differentiable=True is not supported (the fused step is not "
+            "differentiable); wrap a torch.optim optimizer with spg.wrap instead"
+        )
+    if options.get("foreach") or options.get("fused") is False:
+        raise ValueError(
+            f"spg_fast.optim.{where}: foreach=True and fused=False are not supported: the step is "
+            "always spg-fast's fused one (fused=None or True); for torch's foreach or for-loop "
+            f"implementation use spg.wrap(torch.optim.{where}(..., foreach=...))"
+        )
+    for group in [options, *(g for g in groups if isinstance(g, dict))]:
+        if any(isinstance(b, Tensor) for b in group.get("betas", ())):
+            raise TypeError(
+                f"spg_fast.optim.{where}: betas as Tensors are not supported; pass floats"
+            )
+    return groups
 
 
 def _check_types(params: list[Tensor], where: str) -> None:
@@ -53,18 +61,19 @@ def _check_types(params: list[Tensor], where: str) -> None:
             )
 
 
-class Batch(NamedTuple):
-    """Parameters of one dtype in one param group, stepped by one launch: shared ones first, then
-    heads. For FSDP2 (DTensor parameters) the tensors the step updates are this rank's shards."""
+@dataclass
+class Batch:
+    """The parameters of one dtype in one param group, stepped by one launch: shared ones first,
+    then heads. For FSDP2 (DTensor parameters) the tensors the step updates are this rank's
+    shards."""
 
     params: list[Tensor]  # what the step updates: the parameters, or their local shards
-    factors: list[Tensor]  # the shared parameters' mask factors (the backend's)
+    keeps: list[Tensor]  # the shared parameters' stored keep factors (spg_fast.storage)
     scale: Tensor | None  # the head scale; None before the first task (no mask)
-    state: tuple[
-        list[Tensor], ...
-    ]  # the optimizer's state lists (local shards), as its step kernel takes them
+    state: tuple[list[Tensor], ...]  # the optimizer's state lists, as its step kernel takes them
     first_step: list[bool]  # per parameter: no state before this step
     keys: list[Tensor]  # the parameters as the optimizer holds them (DTensors under FSDP2)
+    kernels: StepKernels | None  # the backend's fused steps for these tensors; None: fallback
 
     def grads(self) -> list[Tensor]:
         """The gradients, laid out as ``params``."""
@@ -73,118 +82,123 @@ class Batch(NamedTuple):
         return [sharded.local(p.grad) for p in self.keys]
 
 
-class MaskedOptimizer(Optimizer):
-    """Base of ``spg_fast.optim``'s optimizers: torch's update with SPG's mask read inside it.
+@dataclass
+class _GroupPlan:
+    """A param group's step plan: valid while ``key`` (the parameters with a gradient, SPG's mask
+    generation and the state mapping) is unchanged."""
 
-    The update equals "mask the gradient, then step torch's optimizer"; the SPG object's backend
-    (``spg_fast._backend.Ops.step_kernels``) picks how, per batch of one dtype. The Triton kernels
-    (CUDA) and the native CPU kernels (contiguous float32/float64) read the mask inside one pass and
-    leave ``.grad`` as backward produced it. Otherwise ``.grad`` is masked in place (the spec's
-    ``grad <- grad * (1 - A)``) and torch's fused kernel steps. On the CPU the native AdamW step
-    measured 1.22x torch's unmasked fused step, mask + torch's fused step 1.45-1.48x
-    (bench/NOTES.md). All take GradScaler's ``grad_scale``/``found_inf``.
+    key: tuple
+    batches: list[Batch]
+
+
+class MaskedOptimizer(Optimizer):
+    """Base of ``spg_fast.optim``'s optimizers: torch's update with SPG's mask inside it.
+
+    Each param group is masked in its mode (``mask``, resolved per group by
+    ``spg_fast.mask_mode``): the gradient masked before torch's update, or torch's update on the
+    unmasked gradient with its change masked. The SPG object's backend picks, once per plan, how
+    each batch of one dtype steps (``spg_fast._backend.Ops.step_kernels``): the Triton kernels
+    (CUDA) and the native CPU kernels (contiguous float32/float64) read the stored keep factors
+    inside one pass over the parameter and leave ``.grad`` as backward produced it. Otherwise
+    torch's fused kernel steps, after ``.grad`` is masked in place (gradient mode) or between a
+    snapshot of the parameters and the scaling of their change (update mode; the snapshot buffers
+    are kept). All take GradScaler's ``grad_scale``/``found_inf``.
+
+    A group's plan (its batches, state lists and kernels) is built once and reused while the same
+    parameters have gradients, SPG's mask is unchanged and ``state`` is the same mapping of as many
+    entries: in a training loop with ``zero_grad()`` a steady-state step only reads the gradients.
+    ``load_state_dict`` and unpickling drop the plans. ``plan_builds`` counts the plans built.
     """
 
-    def __init__(self, params: Any, defaults: dict[str, Any], spg: SPG) -> None:
+    def __init__(
+        self, params: list[Any], defaults: dict[str, Any], spg: SPG, mask: MaskMode
+    ) -> None:
         if not isinstance(spg, SPG):
             raise TypeError(f"spg must be an spg_fast.SPG, got {type(spg).__name__}")
-        if defaults.get("differentiable"):
-            raise ValueError("differentiable=True is not supported by spg_fast.optim")
+        check_mask(mask)
         self.spg = spg
+        self.mask = mask
+        self.plan_builds = 0
         super().__init__(params, defaults)
         self._step_supports_amp_scaling = True
         register(spg, self, type(self).__name__)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        items = param_group["params"]
+        items = [items] if isinstance(items, Tensor) else list(items)
+        named = bool(items) and isinstance(items[0], tuple)
+        tensors = [p for _, p in items] if named else items
         where = f"{type(self).__name__}.add_param_group"
-        _check_types(params, where)
-        if (
-            self.param_groups
-        ):  # the first groups are checked at registration, with the SPG object's message
-            self.spg.check_parameters(params, where)
-        super().add_param_group({**param_group, "params": params})
+        _check_types(tensors, where)
+        if self.param_groups:  # the first groups are checked at registration, with its message
+            self.spg._check_parameters(tensors, where)
+        super().add_param_group({**param_group, "params": items})
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "spg": self.spg}
+        return {**super().__getstate__(), "spg": self.spg, "mask": self.mask}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._batch_cache.clear()
-        if (
-            "spg" in state
-        ):  # unpickled (load_state_dict also lands here, without it): register the copy
+        self.__dict__.setdefault("mask", "auto")
+        self.__dict__.setdefault("plan_builds", 0)
+        self._plans.clear()
+        self._snapshots.clear()
+        if "spg" in state:  # unpickled (load_state_dict lands here too, without it): register
             register(self.spg, self, type(self).__name__)
 
-    def _groups_with_grads(self) -> Iterator[tuple[dict[str, Any], list[Tensor]]]:
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                yield group, params
+    @property
+    def _plans(self) -> dict[int, _GroupPlan]:
+        return self.__dict__.setdefault("_plans_by_group", {})
 
-    def _batches(
-        self, params: list[Tensor]
-    ) -> Iterator[tuple[list[Tensor], list[Tensor], Tensor | None]]:
-        """Per dtype, the parameters (shared first, then heads), the shared ones' mask factors
-        (the backend's, see ``spg_fast._backend.Ops``) and the head scale (None before the first
-        task: no mask)."""
+    @property
+    def _snapshots(self) -> dict[Tensor, Tensor]:
+        return self.__dict__.setdefault("_update_snapshots", {})
+
+    def mask_modes(self) -> list[str]:
+        """The mode each param group is masked in now (``"auto"`` resolved)."""
+        return [resolve(self.mask, self, g) for g in self.param_groups]
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, group: dict[str, Any], params: list[Tensor]) -> list[Batch]:
+        """The batches of one param group's step (``params``: those with a gradient), built when
+        the group's key changed (see the class docstring), their state created."""
+        key = (tuple(map(id, params)), self.spg._generation, id(self.state), len(self.state))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached.key == key:
+            return cached.batches
         for p in params:
             if p.grad.is_sparse:
                 raise TypeError(
                     f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} has a sparse "
                     "gradient, which is not supported"
                 )
-        shared, factors, heads = self.spg.mask_split(params)
-        batches: dict[torch.dtype, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
-        for p, factor in zip(shared, factors, strict=True):
-            entry = batches.setdefault(p.dtype, ([], [], []))
+        shared, keeps, heads = self.spg._mask_split(params)
+        by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+        for p, keep in zip(shared, keeps, strict=True):
+            entry = by_dtype.setdefault(p.dtype, ([], []))
             entry[0].append(p)
-            entry[1].append(factor)
+            entry[1].append(keep)
         for p in heads:
-            batches.setdefault(p.dtype, ([], [], []))[2].append(p)
-        for batch_shared, batch_factors, batch_heads in batches.values():
-            yield batch_shared + batch_heads, batch_factors, self.spg.head_scale
-
-    def batches(self, group: dict[str, Any], params: list[Tensor]) -> list[Batch]:
-        """The batches of one param group's step (``params``: those with a gradient), their
-        state created.
-
-        Cached per group while the same parameters have gradients, the SPG mask is unchanged
-        (``SPG.mask_generation``) and ``state`` is the same mapping of as many entries: a
-        steady-state step only reads the gradients. ``load_state_dict`` and unpickling clear the
-        cache (``__setstate__``). A state tensor replaced by hand inside an entry is not seen; load
-        it with ``load_state_dict`` instead."""
-        key = (tuple(map(id, params)), self.spg.mask_generation, id(self.state), len(self.state))
-        cached = self._batch_cache.get(id(group))
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        batches = [self._batch(group, *parts) for parts in self._batches(params)]
-        # From the next step on, every one of these parameters has its state: none takes a
-        # first step.
-        self._batch_cache[id(group)] = (
-            key,
-            [b._replace(first_step=[False] * len(b.params)) for b in batches],
-        )
+            by_dtype.setdefault(p.dtype, ([], []))[0].append(p)
+        batches = [self._batch(group, ps, ks) for ps, ks in by_dtype.values()]
+        self.plan_builds += 1
+        # The plan is keyed by the state's size after this step created what was missing.
+        key = (key[0], key[1], id(self.state), len(self.state))
+        later = [replace(b, first_step=[False] * len(b.params)) for b in batches]
+        self._plans[id(group)] = _GroupPlan(key, later)
         return batches
 
-    def _batch(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        factors: list[Tensor],
-        scale: Tensor | None,
-    ) -> Batch:
-        state, first = self.state_lists(group, params)
-        if not sharded.is_sharded(params[0]):  # SPG takes all parameters sharded or none
-            return Batch(params, factors, scale, state, first, params)
-        shards = tuple([sharded.local(t) for t in tensors] for tensors in state)
-        return Batch([sharded.local(p) for p in params], factors, scale, shards, first, params)
+    def _batch(self, group: dict[str, Any], keys: list[Tensor], keeps: list[Tensor]) -> Batch:
+        state, first = self.state_lists(group, keys)
+        params = keys
+        if sharded.is_sharded(keys[0]):  # SPG takes all parameters sharded or none
+            params = [sharded.local(p) for p in keys]
+            state = tuple([sharded.local(t) for t in tensors] for tensors in state)
+        touched = [*params, *(t for tensors in state for t in tensors)]
+        kernels = self.spg._ops.step_kernels(touched, keeps)
+        return Batch(params, keeps, self.spg.head_scale, state, first, keys, kernels)
 
-    @property
-    def _batch_cache(self) -> dict[int, tuple[tuple, list[Batch]]]:
-        return self.__dict__.setdefault("_batches_by_group", {})
-
+    # ------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -192,15 +206,44 @@ class MaskedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         scaler = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        for group, params in self._groups_with_grads():
-            self.update_group(group, self.batches(group, params), *scaler)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            update = resolve(self.mask, self, group) == "update"
+            for batch in self.plan(group, params):
+                if batch.kernels is not None:
+                    self.fused_step(group, batch, update, *scaler)
+                else:
+                    self._fallback_step(group, batch, update, *scaler)
         return loss
 
-    def kernels_for(self, tensors: list[Tensor]) -> StepKernels | None:
-        """The fused steps serving a batch (every tensor its step touches); None: mask ``.grad``,
-        then torch's."""
-        return self.spg.ops.step_kernels(tensors)
+    def _fallback_step(
+        self,
+        group: dict[str, Any],
+        batch: Batch,
+        update: bool,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        """Torch's fused step around SPG's mask: the gradient masked first, or the parameters
+        snapshotted first and their change scaled after."""
+        if batch.scale is None or not update:
+            self.spg.mask_gradients(batch.keys)
+            self.torch_step(group, batch, grad_scale, found_inf)
+            return
+        snapshots = [self._snapshot(p) for p in batch.params]
+        torch._foreach_copy_(snapshots, batch.params)
+        self.torch_step(group, batch, grad_scale, found_inf)
+        self.spg._scale_updates(batch.keys, snapshots)
 
+    def _snapshot(self, p: Tensor) -> Tensor:
+        buffer = self._snapshots.get(p)
+        if buffer is None:
+            buffer = self._snapshots[p] = torch.empty_like(p)
+        return buffer
+
+    # ---------------------------------------------------- per-optimizer parts
     def state_lists(
         self, group: dict[str, Any], params: list[Tensor]
     ) -> tuple[tuple[list[Tensor], ...], list[bool]]:
@@ -208,11 +251,23 @@ class MaskedOptimizer(Optimizer):
         and per parameter whether this is its first step (it had no state)."""
         raise NotImplementedError
 
-    def update_group(
+    def fused_step(
         self,
         group: dict[str, Any],
-        batches: list[Batch],
+        batch: Batch,
+        update: bool,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> None:
+        """One batch's step on the backend's fused kernels (``batch.kernels``)."""
+        raise NotImplementedError
+
+    def torch_step(
+        self,
+        group: dict[str, Any],
+        batch: Batch,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        """One batch's step with torch's fused kernel, on the gradients as they are."""
         raise NotImplementedError

@@ -1,7 +1,8 @@
-"""Fused importance update: ``A <- max(A, |tanh((h - mean h) / std h)|)`` for all tensors of
-a model.
+"""Fused importance accumulation: ``A <- max(A, |tanh((h - mean h) / std h)|)`` for all tensors of
+a model, in the stored keep domain (``spg_fast.storage``): ``stored <- min(stored, encode(1 -
+|tanh(z)|))``, the same op as ``spg_fast.reference.accumulate_``.
 
-Three launches per (gradient dtype, importance dtype) group, whatever the number of tensors:
+Three launches per (gradient dtype, stored dtype) group, whatever the number of tensors:
 1. ``_tile_stats``: one read of every gradient; per tile of ``BLOCK`` elements, two float64
    reductions: the sum and the centred sum of squares of the values shifted by a per-tensor pivot
    (the tensor's first element, so an offset mean costs no precision). The tile's count follows
@@ -9,12 +10,14 @@ Three launches per (gradient dtype, importance dtype) group, whatever the number
    exactly 0 (see ``_stats_tile``);
 2. ``_combine``: per tensor, Chan's parallel combination of its tiles (deterministic: a fixed
    reduction order);
-3. ``_update``: one read of every gradient and read-modify-write of its accumulator, skipping
-   tensors that hold a non-finite value, which are flagged in the returned bool tensor without any
-   host synchronisation.
-Statistics and the standardisation run in float64, so the result is the float32 rounding of the
-exact value, as in ``spg_fast.reference``. ``tanh`` is built from ``exp`` so that the same code runs
-under ``TRITON_INTERPRET=1``.
+3. ``_update``: one read of every gradient and read-modify-write of its stored keep factors,
+   skipping tensors that hold a non-finite value, which are flagged in the returned bool tensor
+   without any host synchronisation.
+Statistics and the standardisation run in float64, and the keep factor ``1 - tanh(|z|)`` is formed
+as ``2e / (1 + e)``, ``e = exp(-2|z|)`` (no cancellation; ``exp`` so that the same code runs under
+``TRITON_INTERPRET=1``), so the float32 keep factor is the rounding of the exact value, as in
+``spg_fast.reference``. The running minimum is taken on decoded values and encoded again, which is
+exactly the minimum of the stored codes (every stored value decodes and encodes to itself).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from spg_fast.kernels.triton.custom_ops import device_guard
-from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, IMPORTANCE_DTYPES, check_dtypes, check_pairs
+from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, KEEP_DTYPES, check_dtypes, check_pairs
+from spg_fast.kernels.triton.keep_codec import decode, encode
 from spg_fast.kernels.triton.multi_tensor import (
     BLOCK,
     NUM_WARPS,
@@ -36,7 +40,6 @@ from spg_fast.kernels.triton.multi_tensor import (
     plan_for,
     write_back,
 )
-from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr, tile_of
 
 _PARTIALS = 2  # per tile: the sum and the centred sum of squares of the pivot-shifted values
@@ -121,9 +124,9 @@ def _update_tile(h, a_ptr, offs, inside, mean, inv_std, ADT: tl.constexpr, MASKE
     x = load(h, offs, inside, MASKED).to(tl.float64)
     z = tl.abs(x - tl.load(h).to(tl.float64) - mean) * inv_std
     e = tl.exp(-2.0 * z)
-    g = ((1.0 - e) / (1.0 + e)).to(tl.float32)
-    a = load(a_ptr, offs, inside, MASKED).to(tl.float32)
-    store(a_ptr, offs, round_to(tl.maximum(a, g), ADT), inside, MASKED)
+    keep = (2.0 * e / (1.0 + e)).to(tl.float32)
+    old = decode(load(a_ptr, offs, inside, MASKED), ADT)
+    store(a_ptr, offs, encode(tl.minimum(old, keep), ADT), inside, MASKED)
 
 
 @triton.jit
@@ -152,14 +155,14 @@ def _update(
             _update_tile(h, a_ptr, offs, offs < n, mean, inv_std, ADT, True)
 
 
-def _check(accumulators: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    check_pairs("importance_max_", accumulators, grads, ("accumulators", "gradients"))
-    check_dtypes("importance_max_", grads, GRAD_DTYPES, "gradient")
-    check_dtypes("importance_max_", accumulators, IMPORTANCE_DTYPES, "accumulator")
-    for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
-        if a.device != h.device or a.device != accumulators[0].device:
+def _check(stored: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    check_pairs("accumulate_", stored, grads, ("stored keep factors", "gradients"))
+    check_dtypes("accumulate_", grads, GRAD_DTYPES, "gradient")
+    check_dtypes("accumulate_", stored, KEEP_DTYPES, "stored keep factor")
+    for i, (a, h) in enumerate(zip(stored, grads, strict=True)):
+        if a.device != h.device or a.device != stored[0].device:
             raise ValueError(
-                f"importance_max_: tensor {i} is on {h.device} / {a.device}, expected one device"
+                f"accumulate_: tensor {i} is on {h.device} / {a.device}, expected one device"
             )
 
 
@@ -211,21 +214,21 @@ def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
     return stats[:, 2] > 0
 
 
-@torch.library.custom_op("spg_fast::importance_max_", mutates_args=("accumulators",))
-def importance_max_(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
-    """Triton ``A <- max(A, importance(h))`` per pair; returns the bool flags of gradients with
-    non-finite values (whose accumulators are left untouched). Same contract as
-    ``spg_fast.reference.importance_max_``."""
-    _check(accumulators, grads)
-    device = accumulators[0].device if accumulators else torch.device("cpu")
+@torch.library.custom_op("spg_fast::accumulate_", mutates_args=("stored",))
+def accumulate_(stored: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """Triton ``A <- max(A, importance(h))`` per pair in the stored keep domain; returns the bool
+    flags of gradients with non-finite values (whose stored keep factors are left untouched). Same
+    contract as ``spg_fast.reference.accumulate_``."""
+    _check(stored, grads)
+    device = stored[0].device if stored else torch.device("cpu")
     flags = torch.zeros(len(grads), dtype=torch.bool, device=device)
     groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-    for i, (a, h) in enumerate(zip(accumulators, grads, strict=True)):
+    for i, (a, h) in enumerate(zip(stored, grads, strict=True)):
         if h.numel() > 0:
             groups.setdefault((h.dtype, a.dtype), []).append(i)
     with device_guard(device):
         for idx in groups.values():
-            group_flags = _launch_group([accumulators[i] for i in idx], [grads[i] for i in idx])
+            group_flags = _launch_group([stored[i] for i in idx], [grads[i] for i in idx])
             if len(idx) == len(grads):
                 flags = group_flags
             else:
@@ -233,7 +236,7 @@ def importance_max_(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
     return flags
 
 
-@importance_max_.register_fake
-def _(accumulators: list[Tensor], grads: list[Tensor]) -> Tensor:
-    device = accumulators[0].device if accumulators else torch.device("cpu")
+@accumulate_.register_fake
+def _(stored: list[Tensor], grads: list[Tensor]) -> Tensor:
+    device = stored[0].device if stored else torch.device("cpu")
     return torch.empty(len(grads), dtype=torch.bool, device=device)
