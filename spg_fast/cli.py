@@ -1,8 +1,10 @@
-"""``spg-fast``: run SPG and baselines on task sequences from the command line. Every value is
-checked before any data is read or any training starts; a bad one is a one-line
-``spg-fast: error: --option: why`` and exit code 2. Under torchrun
+"""``spg-fast``: run SPG and the methods it is compared with on task sequences from the command
+line. Every value is checked before any data is read or any training starts; a bad one is a one-line
+``spg-fast: error: --option: why`` and exit code 2. ``--resume`` takes the settings from the output
+folder. A run that diverged ends with a one-line error and exit code 1. Under torchrun
 (``torchrun --nproc-per-node N -m spg_fast.cli run ...``, or ``--nproc N``) the processes train
-together; rank 0 prints the results."""
+together; rank 0 prints the results. Importing this module needs only the core dependencies, so
+``--help`` works without the ``harness`` extra, and a run without it says what to install."""
 
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from spg_fast.harness import extras, resume
 from spg_fast.harness.config import ConfigError, TrainConfig
+from spg_fast.harness.methods import METHODS, MethodOptions
+from spg_fast.harness.methods.options import applies_to
 from spg_fast.harness.models import BACKBONES
+from spg_fast.harness.outputs import OutputError
 from spg_fast.harness.parallel import launched_world_size
 from spg_fast.harness.protocol import PROTOCOLS, preset, resolve
 from spg_fast.harness.sequences import EMBEDDED, SEQUENCES
-from spg_fast.harness.training import METHODS
 
 SEQUENCE_TEXT = {
     "digits": "scikit-learn's bundled 8x8 digits, 5 tasks of 2 classes (embedded, the default)",
@@ -49,6 +54,23 @@ EPILOG = (
     "saving; --resume continues."
 )
 MAX_SEED = 2**32 - 1
+# Defaults of the options that define a run; None in the parser, so that --resume can tell an
+# option given from one left out.
+DEFAULTS = {
+    "sequence": "digits",
+    "protocol": "quick",
+    "method": "spg",
+    "seed": 0,
+    "methods": METHODS,
+    "seeds": (0, 1, 2),
+}
+METHOD_TEXT = {
+    "spg": "spg (default: parameter-level soft-masking)",
+    "finetune": "finetune (the same network without protection)",
+    "one": "one (a network per task)",
+    "hat": "hat (hard attention to the task, Serra et al. 2018)",
+    "ewc": "ewc (elastic weight consolidation, online, Kirkpatrick et al. 2017)",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -177,17 +199,21 @@ def _setting_help(f: Any) -> str:
     return f"{f.metadata['help']} (quick: {quick}; paper: {paper})"
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sequence",
-        default="digits",
+        default=None,
         choices=list(SEQUENCES),
         metavar="NAME",
         help="the task sequence (default digits; the list is below)",
     )
     p.add_argument(
         "--protocol",
-        default="quick",
+        default=None,
         choices=PROTOCOLS,
         help="preset for every training setting below: quick (seconds on a CPU, default) or "
         "paper (the authors' setting for the sequence); an option given explicitly overrides "
@@ -219,7 +245,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run(s) in --out after the last finished task (finished runs are kept)",
+        help="continue the run(s) in --out after the last finished task (finished runs are kept) "
+        "with the settings saved there; an option given again must agree with them",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run's files in --out"
@@ -237,8 +264,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="with several processes: shard the network with FSDP2 (fully_shard) instead of "
         "replicating it with DDP (the default)",
     )
+    p.add_argument(
+        "--threads",
+        type=_whole(1),
+        metavar="N",
+        help="torch's CPU threads (default: 1 for networks under 1M parameters, else the free "
+        "cores: the cores this process may use less the load average; OMP_NUM_THREADS is kept)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the metrics as TensorBoard event files into <out>/tensorboard/ (needs "
+        "the tensorboard package)",
+    )
+    for f in fields(MethodOptions):
+        default = f.default if isinstance(f.default, str) else f"{f.default:g}"
+        text = f"{f.metadata['help']} (default {default}; {f.metadata['method']} only)"
+        if f.metadata["choices"]:
+            p.add_argument(_flag(f.name), choices=f.metadata["choices"], default=None, help=text)
+        else:
+            p.add_argument(
+                _flag(f.name), type=_setting_type(f), default=None, metavar="FLOAT", help=text
+            )
     for f in fields(TrainConfig):
-        flag = f"--{f.name.replace('_', '-')}"
+        flag = _flag(f.name)
         if type(f.default) is bool:
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=_setting_help(f)
@@ -274,15 +323,14 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--method",
-        default="spg",
+        default=None,
         choices=METHODS,
-        help="spg (default), finetune (the same network without protection) or one (a network per "
-        "task)",
+        help=", ".join(METHOD_TEXT[m] for m in METHODS),
     )
     run.add_argument(
         "--seed",
         type=_seed,
-        default=0,
+        default=None,
         help="seed of the class order, splits, initial weights and batch order (default 0)",
     )
     run.add_argument(
@@ -302,13 +350,13 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--methods",
         type=_list("method", _method),
-        default=METHODS,
+        default=None,
         help=f"comma-separated (default {','.join(METHODS)})",
     )
     cmp.add_argument(
         "--seeds",
         type=_list("seed", _seed),
-        default=(0, 1, 2),
+        default=None,
         help="comma-separated seeds (default 0,1,2)",
     )
     cmp.add_argument(
@@ -318,10 +366,68 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
-    """Checks that span options; returns the explicitly given training settings."""
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that define a run (or comparison) given on the command line, by setting name."""
+    names = [
+        "sequence",
+        "protocol",
+        "backbone",
+        "tasks",
+        *(("method", "seed") if args.command == "run" else ("methods", "seeds")),
+        *(f.name for f in fields(TrainConfig)),
+        *(f.name for f in fields(MethodOptions)),
+    ]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _resumed(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings saved in ``--out``, checked against the options given and filled into
+    ``args``."""
+    if args.out is None:
+        p.error("--resume: give --out, the folder of the run to continue")
+    saved_in = resume.saved_run if args.command == "run" else resume.saved_compare
+    try:
+        settings, values = saved_in(args.out)
+        resume.check_given(args.out, values, _given(args))
+    except OutputError as e:
+        p.error(str(e))
+    except ConfigError as e:
+        p.error(f"{_flag(e.name)}: {e.why}")
+    for key in ("sequence", "protocol", "backbone", "tasks"):
+        setattr(args, key, settings[key])
+    for key in ("method", "seed") if args.command == "run" else ("methods", "seeds"):
+        setattr(args, key, tuple(settings[key]) if key in ("methods", "seeds") else settings[key])
+    if args.data_dir is None and settings["data_dir"] is not None:
+        args.data_dir = Path(settings["data_dir"])
+    return settings
+
+
+def _check(
+    p: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checks that span options; returns the training settings and method options that define the
+    run: those given, or with ``--resume`` those saved in ``--out``."""
     if args.resume and args.overwrite:
         p.error("--resume: cannot be combined with --overwrite")
+    if args.resume:
+        settings = _resumed(p, args)
+        explicit, options = settings["config"], settings["options"]
+    else:
+        for key, value in DEFAULTS.items():
+            if getattr(args, key, "absent") is None:
+                setattr(args, key, value)
+        given = _given(args)
+        explicit = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
+        options = {f.name: given[f.name] for f in fields(MethodOptions) if f.name in given}
+    in_use = (args.method,) if args.command == "run" else args.methods
+    for name in options:
+        if applies_to(name) not in in_use:
+            p.error(f"{_flag(name)}: applies to --method {applies_to(name)} only")
+    if args.tensorboard:
+        try:
+            extras.require_tensorboard()
+        except extras.MissingExtraError as e:
+            p.error(str(e))
     if args.data_dir is not None and args.sequence in EMBEDDED:
         p.error(f"--data-dir: the {args.sequence} sequence is embedded and reads no files")
     if args.backend == "triton":
@@ -346,21 +452,20 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, An
             f"--device: with {world} processes each takes its own GPU (cuda:LOCAL_RANK); give "
             f"cuda, not {args.device}"
         )
-    explicit = {
-        f.name: getattr(args, f.name)
-        for f in fields(TrainConfig)
-        if getattr(args, f.name) is not None
-    }
+    single = [m for m in in_use if m in ("hat", "ewc")]
+    if world > 1 and single:
+        p.error(f"--method: {single[0]} runs in one process (not under torchrun or --nproc)")
     try:
         cfg, _ = resolve(args.protocol, args.sequence, explicit)
+        MethodOptions(**options)
     except ConfigError as e:
-        p.error(f"--{e.name.replace('_', '-')}: {e.why}")
+        p.error(f"{_flag(e.name)}: {e.why}")
     if cfg.batch_size % world:
         p.error(
             f"--batch-size: {cfg.batch_size} does not split evenly over {world} processes; give "
             f"a multiple of {world}"
         )
-    return explicit
+    return explicit, options
 
 
 def _say(line: str) -> None:
@@ -414,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     implicit_run = not argv or argv[0] not in ("run", "compare", "-h", "--help")
     args = p.parse_args(["run", *argv] if implicit_run else argv)
-    explicit = _check(p, args)
+    explicit, options = _check(p, args)
     if args.nproc is not None and args.nproc > 1 and launched_world_size() == 1:
         return _relaunch(argv, args.nproc)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -434,12 +539,15 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir,
         protocol=args.protocol,
         config=explicit,
+        options=options,
         backend=args.backend,
         out=args.out,
         resume=args.resume,
         overwrite=args.overwrite,
         tasks=args.tasks,
         wrapper="fsdp" if args.fsdp else None,
+        threads=args.threads,
+        tensorboard=args.tensorboard,
     )
     try:
         with parallel.process_group(args.device) as device:
@@ -448,11 +556,13 @@ def main(argv: list[str] | None = None) -> int:
                     args.sequence, args.method, seed=args.seed, device=device, **common
                 )
                 tables = [report.matrix_table(result["acc_matrix"]), report.summary_table(result)]
+                runs = [result]
             else:
                 result = api.compare(
                     args.sequence, args.methods, args.seeds, device=device, **common
                 )
                 tables = [report.comparison_table(result["summary"])]
+                runs = result["runs"]
     except api.RunInterrupted as e:
         if main_rank:
             _say(
@@ -468,8 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         _say(f"spg-fast: error: --data-dir: {e}")
         return 2
+    except extras.MissingExtraError as e:
+        _say(f"spg-fast: error: {e}")
+        return 2
     except ConfigError as e:
-        _say(f"spg-fast: error: --{e.name.replace('_', '-')}: {e.why}")
+        _say(f"spg-fast: error: {_flag(e.name)}: {e.why}")
         return 2
     except ValueError as e:
         _say(f"spg-fast: error: {e}")
@@ -477,7 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     if main_rank:
         print("\n".join(tables))
         print(f"wrote {args.out}/")
-    return 0
+    diverged = [r for r in runs if r["diverged"]]
+    if main_rank:
+        for r in diverged:
+            kind = "error" if args.command == "run" else "warning"
+            _say(
+                f"spg-fast: {kind}: {r['method']} seed {r['config']['seed']} on {r['sequence']} "
+                f"{report.divergence_text(r)}"
+            )
+    return 1 if diverged and args.command == "run" else 0
 
 
 if __name__ == "__main__":

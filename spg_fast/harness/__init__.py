@@ -1,14 +1,15 @@
-"""Continual-learning harness: task sequences, SPG and baselines, metrics, reports
-(``spg-fast run|compare``)."""
+"""Continual-learning harness: task sequences, SPG and the methods it is compared with (fine-tuning,
+a network per task, HAT, EWC), metrics, reports (``spg-fast run|compare``)."""
 
 from spg_fast.harness.api import RunInterrupted, compare, run
 from spg_fast.harness.config import ConfigError, TrainConfig
+from spg_fast.harness.extras import MissingExtraError
 from spg_fast.harness.formats import DataError, DataNotFoundError
+from spg_fast.harness.methods import METHODS, MethodOptions
 from spg_fast.harness.metrics import average_accuracy, backward_transfer, forgetting
 from spg_fast.harness.outputs import OutputError
 from spg_fast.harness.protocol import PROTOCOLS, resolve
 from spg_fast.harness.sequences import SEQUENCES, TaskSequence, build_sequence
-from spg_fast.harness.training import METHODS
 
 __all__ = [
     "METHODS",
@@ -17,6 +18,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DataNotFoundError",
+    "MethodOptions",
+    "MissingExtraError",
     "OutputError",
     "RunInterrupted",
     "TaskSequence",

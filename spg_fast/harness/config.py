@@ -26,13 +26,41 @@ class ConfigError(ValueError):
         self.why = why
 
 
-def _setting(
-    default: Any, help: str, check: Any = None, choices: tuple[str, ...] | None = None
+def setting(
+    default: Any,
+    help: str,
+    check: Any = None,
+    choices: tuple[str, ...] | None = None,
+    method: str | None = None,
 ) -> Any:
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
+    """A dataclass field with its help text, its check (value -> why it is bad, or None), its
+    choices and (method options) the method it applies to."""
+    return field(
+        default=default,
+        metadata={"help": help, "check": check, "choices": choices, "method": method},
+    )
 
 
-def _positive(v: float) -> str | None:
+def check_fields(settings: Any) -> None:
+    """Check every field of the frozen dataclass ``settings`` against its kind, choices and check
+    (an int given for a float is converted); a bad one is a ``ConfigError`` naming it."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        kind = type(f.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(settings, f.name, float(value))
+            value = float(value)
+        if type(value) is not kind:
+            raise ConfigError(f.name, f"must be {KIND_NAMES[kind]}, got {value!r}")
+        choices, check = f.metadata["choices"], f.metadata["check"]
+        if choices and value not in choices:
+            raise ConfigError(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
+        why = check(value) if check else None
+        if why:
+            raise ConfigError(f.name, f"{why}, got {value!r}")
+
+
+def positive(v: float) -> str | None:
     return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
 
 
@@ -50,25 +78,25 @@ class TrainConfig:
     seconds on 2 CPU cores); ``spg_fast.harness.protocol.resolve`` gives the presets (``quick``,
     ``paper``) per sequence and optimizer."""
 
-    optimizer: str = _setting(
+    optimizer: str = setting(
         "sgd",
         "sgd (plain, as in the paper), sgd-momentum (momentum 0.9) or adamw (torch's "
         "defaults: betas 0.9/0.999, weight decay 0.01); a fresh optimizer for every task",
         choices=OPTIMIZERS,
     )
-    lr: float = _setting(0.1, "learning rate at the start of every task", _positive)
-    lr_factor: float = _setting(
+    lr: float = setting(0.1, "learning rate at the start of every task", positive)
+    lr_factor: float = setting(
         3.0,
         "divide the learning rate by this on a validation-loss plateau",
         lambda v: None if math.isfinite(v) and v > 1 else "must be a finite number > 1",
     )
-    lr_min: float = _setting(1e-3, "lowest learning rate (see --schedule)", _positive)
-    lr_patience: int = _setting(
+    lr_min: float = setting(1e-3, "lowest learning rate (see --schedule)", positive)
+    lr_patience: int = setting(
         3, "epochs without a lower validation loss that make a plateau", _at_least_one
     )
-    max_epochs: int = _setting(60, "most epochs per task", _at_least_one)
-    batch_size: int = _setting(64, "training mini-batch size", _at_least_one)
-    schedule: str = _setting(
+    max_epochs: int = setting(60, "most epochs per task", _at_least_one)
+    batch_size: int = setting(64, "training mini-batch size", _at_least_one)
+    schedule: str = setting(
         "divide-stop",
         "divide-stop: on a plateau divide the learning rate, stop the task "
         "when it would fall below --lr-min; plateau (the authors' code): torch's "
@@ -76,30 +104,30 @@ class TrainConfig:
         "weights of the epoch with the lowest validation loss",
         choices=SCHEDULES,
     )
-    shuffle: str = _setting(
+    shuffle: str = setting(
         "epoch",
         "epoch: a new order of the training data every epoch; once: one seeded order "
         "per task, kept for all its epochs (the authors' loaders)",
         choices=SHUFFLES,
     )
-    dropout_conv: float = _setting(0.0, "dropout after alexnet's first two conv layers", _rate)
-    dropout_fc: float = _setting(
+    dropout_conv: float = setting(0.0, "dropout after alexnet's first two conv layers", _rate)
+    dropout_fc: float = setting(
         0.0,
         "dropout after alexnet's third conv and fully connected layers, and after the mlp's layers",
         _rate,
     )
-    clip_heads: float = _setting(
+    clip_heads: float = setting(
         0.0,
         "clip the heads' joint gradient norm at this value before every step, as "
         "the authors do at 10000 (0: no clipping)",
         lambda v: None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0",
     )
-    normalize: bool = _setting(
+    normalize: bool = setting(
         False,
         "standardise image inputs per channel (the authors' means and deviations: "
         "ImageNet's for colour, MNIST's for grey images)",
     )
-    bn_stats: str = _setting(
+    bn_stats: str = setting(
         "shared",
         "BatchNorm statistics (resnet18): shared by all tasks, or per-task: stored at "
         "each task's end and used when evaluating that task",
@@ -107,19 +135,6 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = type(f.default)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
-                value = float(value)
-            if type(value) is not kind:
-                raise ConfigError(f.name, f"must be {KIND_NAMES[kind]}, got {value!r}")
-            choices, check = f.metadata["choices"], f.metadata["check"]
-            if choices and value not in choices:
-                raise ConfigError(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
-            why = check(value) if check else None
-            if why:
-                raise ConfigError(f.name, f"{why}, got {value!r}")
+        check_fields(self)
         if self.lr_min > self.lr:
             raise ConfigError("lr_min", f"{self.lr_min} exceeds the learning rate lr={self.lr}")

@@ -1,6 +1,6 @@
 """The training protocol (SGD or another optimizer; learning rate divided on a validation-loss
-plateau; early stopping; best weights restored) and the methods it compares: ``spg`` (through the
-public integration, as a user writes it), ``finetune`` and ``one``."""
+plateau; early stopping; best weights restored) and the ``Learner`` that runs one of the compared
+methods (``spg_fast.harness.methods``) through it."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spg_fast._params import inner_module
+from spg_fast.harness import methods
 from spg_fast.harness.config import ConfigError, TrainConfig
+from spg_fast.harness.health import check_epoch
+from spg_fast.harness.methods import Batch, Method, MethodOptions, TaskData
 from spg_fast.harness.models import MultiHeadNet, build_model
 from spg_fast.harness.parallel import Ranks
 from spg_fast.harness.sequences import Split, TaskSequence
-from spg_fast.spg import SPG
-
-METHODS = ("spg", "finetune", "one")
 
 # The authors' input standardisation (per channel): ImageNet's statistics for colour images, MNIST's
 # for grey ones.
@@ -29,6 +29,7 @@ NORMALIZATION = {3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 1: ((0.1307,
 EVAL_BATCH = 512  # samples per forward and rank when evaluating
 
 EpochLog = Callable[[dict[str, Any]], None]
+BatchLog = Callable[[int, int], None]  # (batches done, batches in the epoch)
 
 
 class Inputs:
@@ -153,17 +154,24 @@ def train_task(
     inputs: Inputs,
     generator: torch.Generator,
     on_epoch: EpochLog | None = None,
+    *,
+    method: Method | None = None,
+    on_batch: BatchLog | None = None,
 ) -> int:
-    """Train head ``task`` and the trunk under ``cfg.schedule`` and restore the weights of the epoch
-    with the lowest validation loss (a non-finite validation loss also restores them, as the
-    authors' code does). Returns the number of epochs run. ``model`` may be wrapped for several
-    processes (``inputs.ranks``): every rank then trains on its share of each batch, and all take
-    the same validation decisions."""
+    """Train head ``task`` and the trunk with ``method``'s loss and step hooks (fine-tuning without
+    one) under ``cfg.schedule`` and restore the weights of the epoch with the lowest validation
+    loss (a non-finite validation loss also restores them, as the authors' code does). Returns the
+    number of epochs run. A non-finite training loss or weight raises ``DivergedError`` at the end
+    of its epoch. ``model`` may be wrapped for several processes (``inputs.ranks``): every rank
+    then trains on its share of each batch, and all take the same validation decisions.
+    ``on_batch`` is called after every step."""
+    method = method or Method()
     data = seq.tasks[task]
     schedule = SCHEDULERS[cfg.schedule](optimizer, cfg)
     heads = list(inner_module(model).heads.parameters())
     best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
     order = torch.randperm(len(data.train), generator=generator) if cfg.shuffle == "once" else None
+    steps = -(-len(data.train) // cfg.batch_size)
     for epoch in range(1, cfg.max_epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -171,16 +179,23 @@ def train_task(
         epoch_order = (
             order if order is not None else torch.randperm(len(data.train), generator=generator)
         )
-        for x, y, per_rank in inputs.shares(data.train, cfg.batch_size, epoch_order):
+        shares = inputs.shares(data.train, cfg.batch_size, epoch_order)
+        for step, (x, y, per_rank) in enumerate(shares):
+            batch = Batch(x, y, task, per_rank, step * cfg.batch_size / len(data.train))
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x, task), y, reduction="sum") / per_rank
+            loss = method.loss(model, batch)
             loss.backward()
+            method.before_step(model, batch)
             if cfg.clip_heads:
                 nn.utils.clip_grad_norm_(heads, cfg.clip_heads)
             optimizer.step()
+            method.after_step(model, batch)
             total += loss.detach() * per_rank
+            if on_batch is not None:
+                on_batch(step + 1, steps)
         inputs.ranks.sync_buffers(model)
         train_loss = inputs.ranks.sum([total.item()])[0] / len(data.train)
+        check_epoch(model, task, epoch, train_loss, inputs.ranks)
         val_loss, val_acc = evaluate(model, task, data.val, inputs)
         improved = val_loss < best_loss
         if improved:
@@ -232,11 +247,11 @@ def _load_buffers(model: nn.Module, buffers: dict[str, Tensor]) -> None:
 
 
 class Learner:
-    """One method's view of the sequence: which model answers for a task, and what happens after
-    each task.
+    """One method's view of the sequence: which network answers for a task, and what happens
+    around training and after each task (``method``, see ``spg_fast.harness.methods``).
 
-    ``spg`` and ``finetune`` train one network; ``one`` a new one per task. Every task gets a fresh
-    optimizer (as in the authors' code), wrapped with ``spg.wrap`` for ``spg``. With
+    ``one`` trains a fresh network per task, the other methods one network. Every task gets a fresh
+    optimizer (as in the authors' code), passed through the method (SPG wraps it). With
     ``cfg.bn_stats == "per-task"`` the BatchNorm statistics are stored at each task's end and
     swapped in to evaluate that task. Over several processes (``ranks``) each network is trained
     wrapped (DDP or FSDP2); ``models`` holds the networks themselves, whose parameter names and
@@ -250,60 +265,74 @@ class Learner:
         cfg: TrainConfig,
         backend: str = "auto",
         ranks: Ranks | None = None,
+        options: MethodOptions | None = None,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-        self.method, self.make_model, self.device, self.cfg = method, make_model, device, cfg
+        self.method = methods.make(method, options or MethodOptions(), backend)
+        self.make_model, self.device, self.cfg = make_model, device, cfg
         self.ranks = ranks or Ranks(device=device)
-        self.models: list[MultiHeadNet] = []
+        if self.method.processes == "one" and self.ranks.world > 1:
+            raise ConfigError(
+                "method",
+                f"{method} runs in one process, not {self.ranks.world} (torchrun, --nproc)",
+            )
+        self.models: list[nn.Module] = []
         self.wrapped: list[nn.Module] = []
-        self.spg: SPG | None = None
         self.bn_stats: list[dict[str, Tensor]] = []
-        if method != "one":
-            self._new_model()
-            if method == "spg":
-                self.spg = SPG(self.wrapped[0], heads="heads", backend=backend)
+        if not self.method.network_per_task:
+            self.method.bind(self._new_model())
+
+    @property
+    def spg(self) -> Any:
+        """The SPG object of the ``spg`` method, else None."""
+        return getattr(self.method, "spg", None)
 
     def _new_model(self) -> nn.Module:
-        model = self.make_model().to(self.device)
+        model = self.method.network(self.make_model()).to(self.device)
         self.models.append(model)
         self.wrapped.append(self.ranks.wrap(model))
         return self.wrapped[-1]
 
     def start_task(self, task: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = self._new_model() if self.method == "one" else self.wrapped[0]
-        optimizer = make_optimizer(self.cfg.optimizer, model.parameters())
-        if self.spg is not None:
-            optimizer = self.spg.wrap(optimizer)
+        model = self._new_model() if self.method.network_per_task else self.wrapped[0]
+        optimizer = self.method.optimizer(make_optimizer(self.cfg.optimizer, model.parameters()))
         for group in optimizer.param_groups:
             group["lr"] = self.cfg.lr
         return model, optimizer
 
     def model_for(self, task: int) -> nn.Module:
         """The (wrapped) network that answers for ``task``."""
-        return self.wrapped[task] if self.method == "one" else self.wrapped[0]
+        return self.wrapped[task] if self.method.network_per_task else self.wrapped[0]
 
-    def end_task(self, task: int, seq: TaskSequence, inputs: Inputs) -> float:
-        """Store the task's BatchNorm statistics (per-task) and run SPG's importance pass; returns
-        the seconds the pass took (0 for the other methods). The pass runs the model in train mode;
-        the BatchNorm statistics are kept as training left them. Over several processes each rank
-        passes its share of every batch, with the training loss's weighting, and SPG combines the
-        ranks' gradient sums."""
+    def end_task(
+        self,
+        task: int,
+        seq: TaskSequence,
+        inputs: Inputs,
+        report: methods.base.PassReport | None = None,
+    ) -> float:
+        """Store the task's BatchNorm statistics (per-task) and run the method's pass over the
+        task's training data (SPG's importance, EWC's Fisher diagonal); returns the seconds it
+        took. The pass may run the model in train mode; the BatchNorm statistics are kept as
+        training left them. ``report`` is called after every batch of the pass."""
         model = inner_module(self.model_for(task))
         if self.cfg.bn_stats == "per-task":
             self.bn_stats.append(_bn_buffers(model))
-        if self.spg is None:
-            return 0.0
         kept = _bn_buffers(model)
-        start = time.perf_counter()
-        self.spg.end_task(
+        train = seq.tasks[task].train
+        data = TaskData(
             task,
-            list(inputs.shares(seq.tasks[task].train, self.cfg.batch_size)),
-            loss_fn=_share_loss,
-            prepare_batch=_share_batch,
+            len(train),
+            self.cfg.batch_size,
+            lambda size: inputs.shares(train, size),
         )
+        start = time.perf_counter()
+        self.method.end_task(self.model_for(task), data, report)
         _load_buffers(model, kept)
         return time.perf_counter() - start
+
+    def usage(self) -> dict[str, Any] | None:
+        """The method's capacity measure after the tasks so far (None if it has none)."""
+        return self.method.usage()
 
     def test(self, task: int, seq: TaskSequence, inputs: Inputs) -> float:
         """Test accuracy on ``task`` (with that task's BatchNorm statistics when they are
@@ -321,12 +350,12 @@ class Learner:
 
     def state_dict(self) -> dict[str, Any]:
         """The networks (whole tensors, also when sharded: every rank must call this), the BatchNorm
-        statistics and SPG's state."""
+        statistics and the method's state."""
         full = self.ranks.full
         return {
             "models": [full(m.state_dict()) for m in self.models],
             "bn_stats": self.bn_stats,
-            "spg": full(self.spg.state_dict()) if self.spg else None,
+            "method": full(self.method.state_dict()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -335,20 +364,7 @@ class Learner:
         for model, saved in zip(self.models, state["models"], strict=True):
             model.load_state_dict(self.ranks.sharded_like(model, saved))
         self.bn_stats = state["bn_stats"]
-        if self.spg is not None:
-            self.spg.load_state_dict(state["spg"])
-
-
-def _share_batch(batch: tuple[Tensor, Tensor, float]) -> tuple[Tensor, tuple[Tensor, float]]:
-    x, y, per_rank = batch
-    return x, (y, per_rank)
-
-
-def _share_loss(logits: Tensor, target: tuple[Tensor, float]) -> Tensor:
-    """The importance pass's loss for the task's head: as in training (``Inputs.shares``), so that
-    the ranks' gradient sums add up to one process's."""
-    y, per_rank = target
-    return F.cross_entropy(logits, y, reduction="sum") / per_rank
+        self.method.load_state_dict(state["method"])
 
 
 def model_factory(backbone: str, seq: TaskSequence, cfg: TrainConfig) -> Callable[[], MultiHeadNet]:

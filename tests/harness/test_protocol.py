@@ -111,11 +111,14 @@ def test_paper_protocol_on_miniature_cifar_builds_the_authors_network(
         )
     )
     log = (out / "log.txt").read_text()
-    assert (
-        "start: alexnet, 6,708,772 parameters per network, protocol paper, optimizer sgd, lr 0.25,"
-        in log
-    )
+    assert "start: alexnet, 6,708,772 parameters per network, protocol paper, " in log
+    assert "thread(s) (" in log and "optimizer sgd, lr 0.25," in log
     assert (
         "dropout_conv 0.313455931477029, dropout_fc 0.40930567117056715, clip_heads 10000.0" in log
     )
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "log.txt",
+        "metrics.csv",
+        "metrics.jsonl",
+    ]
