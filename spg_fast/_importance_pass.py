@@ -5,10 +5,13 @@ Two schedules compute the same sums:
 - **per-head passes** (the authors' procedure): one pass over the data per head, a fresh forward for
   every head and batch;
 - **shared forward**: the heads in groups, one pass over the data per group; in each batch the
-  shared part of the model runs once (``spg_fast._shared_forward.TrunkMemo``) and each head's
-  gradient is taken from that one graph. A group holds as many heads as their gradient buffers fit
-  in ``memory_budget`` bytes (default: a quarter of the memory free on the parameters' device when
-  the pass starts; one head per group where that cannot be told).
+  shared part of the model runs once and each head's gradient is taken from that one graph
+  (``spg_fast._shared_forward.SharedForward``: the heads evaluated on the input captured from the
+  first head's forward where that is verified on the first batch, else the memoised trunk
+  submodules; ``PassReport.strategy`` and ``fallback`` tell which, and why). A group holds as many
+  heads as their gradient buffers fit in ``memory_budget`` bytes (default: a quarter of the memory
+  free on the parameters' device when the pass starts; one head per group where that cannot be
+  told).
 
 By default (``shared_forward=None``) the shared forward is used unless the model draws random
 numbers in its forward (dropout in train mode; ``spg_fast._randomness``): there the authors draw
@@ -26,6 +29,9 @@ Per pass over the data, the losses of every batch and then the sums are checked 
 host synchronisation each); gradients are not checked batch by batch. When a head's sums are not
 finite although every loss was, the pass is repeated with the random generators as they were,
 checking every batch's gradient, and ``HeadSums.nonfinite`` tells the batch (a ``Trace``).
+
+``progress``, when given, is called with a ``PassProgress`` after every batch of every pass over the
+data (the repeats included).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from spg_fast._randomness import (
     restore_generator_states,
     watch_draws,
 )
-from spg_fast._shared_forward import TrunkMemo
+from spg_fast._shared_forward import SharedForward
 
 # The default memory budget for the head buffers, as a fraction of the free memory when the pass
 # starts: the rest is left to the batch's activations (held across the group's heads) and to
@@ -111,14 +117,37 @@ class _PassResult(NamedTuple):
 @dataclass
 class PassReport:
     """What the pass did, for tests and benchmarks: whether it shared the forward, why, and how
-    many heads went into a group; ``memo_hits`` counts the shared modules' calls answered from
-    the memo."""
+    many heads went into a group; ``strategy`` is how the forward was shared (``"per-head
+    forwards"``: not shared; ``"head capture"``: the heads evaluated on the input captured from the
+    first head's forward; ``"trunk memo"``: the trunk submodules' calls memoised) and ``fallback``
+    why the head capture was not used (or, for some batches, not); ``memo_hits`` counts the shared
+    modules' calls answered from the memo, ``captured`` the heads evaluated on a captured input."""
 
     shared_forward: bool = False
     reason: str = ""
     group_size: int = 1
     passes: int = 0
     memo_hits: int = 0
+    strategy: str = "per-head forwards"
+    fallback: str = ""
+    captured: int = 0
+
+
+@dataclass(frozen=True)
+class PassProgress:
+    """Where the pass stands, given to ``progress`` after every batch of every pass over the data:
+    ``head`` is the head whose batch just finished (for a group, its last head), ``heads_done`` the
+    heads whose sums are complete so far of the ``heads`` of this pass, ``batch`` the batches done
+    in the current pass over the data (from 1) of ``batches`` (``len(loader)``, None when the loader
+    has no length), ``passes`` the passes over the data started so far (repeats that trace a
+    non-finite gradient included)."""
+
+    head: int
+    heads_done: int
+    heads: int
+    batch: int
+    batches: int | None
+    passes: int
 
 
 class ImportancePass:
@@ -146,6 +175,7 @@ class ImportancePass:
         memory_budget: int | None = None,
         label: str = "",
         head_label: Callable[[int], str] = "head {}".format,
+        progress: Callable[[PassProgress], object] | None = None,
     ) -> None:
         if shared_forward not in (None, True, False):
             raise TypeError(
@@ -173,8 +203,13 @@ class ImportancePass:
         self._budget = memory_budget
         self._label = label
         self._head_label = head_label
+        self._progress = progress
+        self._batches = _length(loader)
         self._device = self._params[0].device
         self.report = PassReport()
+        # For progress: heads whose sums are complete, passes over the data started.
+        self._heads_done = 0
+        self._passes_started = 0
 
     # ------------------------------------------------------------- planning
     def _bytes_per_head(self) -> int:
@@ -216,6 +251,7 @@ class ImportancePass:
         if size == 1 and share is not False:
             share, report.reason = False, "the memory budget holds one head's gradient buffers"
         report.group_size = size
+        self._heads_done = self._passes_started = 0
         start = 0
         while start < len(self._heads):
             group = self._heads[start : start + size]
@@ -224,6 +260,7 @@ class ImportancePass:
             shared = share is not False and len(group) > 1
             result = self._pass(group, shared, probing)
             report.passes += 1
+            self._heads_done += len(result.heads)
             if probing:
                 share = not result.drew
                 report.reason = (
@@ -288,26 +325,36 @@ class ImportancePass:
         finite: list[list[Tensor]] = [[] for _ in group]
         drew = False
         batches = 0
+        self._passes_started += 1
         with ExitStack() as stack:
-            memo = stack.enter_context(TrunkMemo(self._model, self._head_params)) if share else None
+            shared = (
+                stack.enter_context(
+                    SharedForward(self._model, self._head_params, group, self._device)
+                )
+                if share
+                else None
+            )
             # Tracing needs every batch's gradients back from autograd.grad; otherwise hooks add
             # them as produced.
             adding = None if trace else stack.enter_context(_AddingHooks(self._params))
-            for batch in self._loader:
+            for batch, final in _marked_last(self._loader):
                 x, y = self._prepare(batch)
                 for j, head in enumerate(group):
                     last = j == len(group) - 1
+                    forward = functools.partial(self._forward, x, head)
+                    if shared is not None:
+                        forward = functools.partial(shared.output, batches, j, forward)
                     if probe and batches == 0 and j == 0:
                         with watch_draws(self._device) as watch:
-                            out = self._forward(x, head)
+                            out = forward()
                         if watch.drew:
                             # Fall back to per-head passes; this head's first forward is the one it
                             # would have had.
                             drew, last, group = True, True, group[:1]
                             stack.close()
-                            memo = None
+                            shared = None
                     else:
-                        out = self._forward(x, head)
+                        out = forward()
                     loss = self._loss(head, batches, out, y)
                     if adding is not None:
                         adding.sums = sums[j]
@@ -322,11 +369,23 @@ class ImportancePass:
                         finite[j].append(_all_finite(present, self._device))
                     if last:
                         break
-                if memo is not None:
-                    memo.clear()
+                if shared is not None:
+                    shared.end_batch()
                 batches += 1
-            if memo is not None and not trace:
-                self.report.memo_hits += memo.hits
+                if self._progress is not None:
+                    done = self._heads_done + (len(group) if final and not trace else 0)
+                    self._progress(
+                        PassProgress(
+                            group[-1],
+                            done,
+                            len(self._heads),
+                            batches,
+                            self._batches,
+                            self._passes_started,
+                        )
+                    )
+            if shared is not None and not trace:
+                self._record(shared)
         if batches == 0:
             raise ValueError(
                 f"{self._label}the loader yielded no batches: the importance pass needs the task's "
@@ -341,6 +400,16 @@ class ImportancePass:
             for row in finite[: len(group)]
         ]
         return _PassResult(group, sums[: len(group)], group_losses, drew, first_bad)
+
+    def _record(self, shared: SharedForward) -> None:
+        """Add a shared pass's strategy and counts to the report (the trunk memo, once any group
+        fell back to it)."""
+        report = self.report
+        if report.strategy != "trunk memo":
+            report.strategy = shared.strategy
+        report.fallback = report.fallback or shared.fallback
+        report.memo_hits += shared.memo_hits
+        report.captured += shared.captured
 
     def _loss(self, head: int, batch: int, out: Any, y: Any) -> Tensor:
         return checked_loss(
@@ -376,6 +445,28 @@ def checked_loss(loss: Any, head: str, batch: int, label: str = "") -> Tensor:
             "parameter (was the output computed under torch.no_grad() or detached?)"
         )
     return loss
+
+
+def _length(loader: Iterable[Any]) -> int | None:
+    """``len(loader)``, or None when it has none (an iterator; a DataLoader over an iterable
+    dataset without a length)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _marked_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Each item of ``items`` with whether it is the last (one item read ahead)."""
+    iterator = iter(items)
+    try:
+        held = next(iterator)
+    except StopIteration:
+        return
+    for item in iterator:
+        yield held, False
+        held = item
+    yield held, True
 
 
 def _all_finite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:

@@ -84,9 +84,14 @@ def test_shared_forward_equals_the_per_head_passes_exactly_for_every_group_size(
         groups = math.ceil((k + 1) / size)
         assert engine.report.group_size == size and engine.report.passes == groups
         assert engine.report.shared_forward == (size > 1)
-        # The trunk ran once per batch and group; every other head's call came from the memo.
+        # The trunk ran once per batch and group. On a group's first batch every other head's
+        # trunk call came from the memo; later, every other head was evaluated on the input
+        # captured from the group's first head.
         assert trunk_calls[0] == len(batches) * groups
-        assert engine.report.memo_hits == len(batches) * (k + 1 - groups)
+        assert engine.report.memo_hits == k + 1 - groups
+        assert engine.report.captured == (len(batches) - 1) * (k + 1 - groups)
+        want_strategy = "head capture" if size > 1 else "per-head forwards"
+        assert engine.report.strategy == want_strategy and engine.report.fallback == ""
 
 
 def test_per_head_schedule_runs_a_forward_per_head_and_batch():
@@ -229,13 +234,17 @@ class InPlaceNet(nn.Module):
 
 
 def test_memo_recomputes_an_output_modified_in_place():
+    """The memo answers nothing (each head's forward modifies the trunk's output); the head
+    capture, which takes the head's input after the modification, still shares the later
+    batches' forwards."""
     torch.manual_seed(0)
     model = InPlaceNet().double()
     batches = [(x.double(), y) for x, y in make_tasks(n_tasks=1)[0]]
     trunk_calls = _calls(model.trunk[0])
     engine = _engine(model, batches, 2, shared_forward=True)
     got = _run(engine)
-    assert engine.report.memo_hits == 0 and trunk_calls[0] == 3 * len(batches)
+    assert engine.report.memo_hits == 0 and engine.report.strategy == "head capture"
+    assert trunk_calls[0] == 3 + (len(batches) - 1)
     want = _literal_sums(model, batches, 2)
     assert all(torch.equal(g, w) for h in range(3) for g, w in zip(got[h], want[h], strict=True))
 
