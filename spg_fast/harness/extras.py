@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 INSTALL = "pip install 'spg-fast[harness]' (from a clone: pip install '.[harness]')"
+PACKAGES = {"sklearn": "scikit-learn", "PIL": "pillow"}  # where the import name differs
 
 
 class MissingExtraError(ImportError):
@@ -13,8 +14,9 @@ class MissingExtraError(ImportError):
 
 
 def require(*modules: str) -> None:
-    """Raise ``MissingExtraError`` naming every module of ``modules`` that cannot be imported."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    """Raise ``MissingExtraError`` naming the package of every module of ``modules`` that cannot
+    be imported."""
+    missing = [PACKAGES.get(m, m) for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingExtraError(f"the harness needs {', '.join(missing)}: {INSTALL}")
 

@@ -132,7 +132,9 @@ class Progress:
         if self.bar is not None:
             self.bar.update()
         accs = " ".join(f"{a:.4f}" for a in accuracies)
-        left = f"; about {duration(left_s)} left" if left_s else ""
+        left = ""
+        if left_s is not None:
+            left = f"; {'about ' if left_s >= 1 else ''}{duration(left_s)} left"
         self.line(
             f"task {task} of {self.tasks} done: {epochs} epochs, train {train_s:.1f}s, importance "
             f"{importance_s:.2f}s; test accuracy on tasks 0..{task}: {accs}{usage_text(usage)}"
