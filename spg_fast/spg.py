@@ -54,7 +54,7 @@ class SPG:
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (``spg_fast._backend``).
         importance_dtype: how the keep factors ``1 - A`` are stored (``spg_fast.storage``):
             None or ``torch.float32`` (4 bytes per shared element; float64 for float64
-            parameters), ``torch.bfloat16`` (2 bytes, relative error at most 2**-9) or
+            parameters), ``torch.bfloat16`` (2 bytes, relative error at most 2**-8) or
             ``torch.uint8`` (1 byte, relative error at most 1/16). No format rounds a keep factor
             above 0 to 0, so none freezes a parameter that float32 lets move.
     """
@@ -559,7 +559,7 @@ class SPG:
                 problems.append(f"{name}: {why}")
                 continue
             piece = sharded.local(sharded.distribute(value, param) if self._sharded else value)
-            keep = piece.to(torch.float64).rsub_(1) if version == 1 else storage.decode(piece)
+            keep = 1 - piece.to(torch.float64) if version == 1 else storage.decode(piece)
             if not bool(((keep >= 0) & (keep <= 1)).all()):
                 what = "importance" if version == 1 else "keep factor"
                 problems.append(f"{name}: {what} values must lie in [0, 1] (NaN is not allowed)")

@@ -10,7 +10,7 @@ The float32 keep factor is the reference: ``1 - |tanh(z)|`` formed in float64 as
 with ``e = exp(-2|z|)`` and rounded once to float32. The formats (``importance_dtype``):
 
 - ``torch.float32`` (the default; ``torch.float64`` for float64 parameters): that value itself.
-- ``torch.bfloat16``: the float32 keep rounded to nearest even (relative error at most ``2**-9``);
+- ``torch.bfloat16``: the float32 keep rounded to nearest even (relative error at most ``2**-8``);
   a keep factor above 0 never rounds to 0 (bfloat16 shares float32's exponent range, and a float32
   subnormal that would round to 0 is stored as the smallest bfloat16 instead).
 - ``torch.uint8`` ("E5M3"): 0 stands for a keep of exactly 0; a code ``c`` in 1..255 for the float32
@@ -37,7 +37,7 @@ IMPORTANCE_DTYPES = (None, torch.float32, torch.bfloat16, torch.uint8)
 RELATIVE_ERROR = {
     torch.float64: 0.0,
     torch.float32: 0.0,
-    torch.bfloat16: 2.0**-9,
+    torch.bfloat16: 2.0**-8,
     torch.uint8: 1 / 16,
 }
 

@@ -22,15 +22,16 @@ def _fresh(seed: int = 0) -> MultiHeadNet:
     return MultiHeadNet()
 
 
-def _train(mode: str, make_optimizer, tasks, model: MultiHeadNet | None = None):
-    """Train through the public integration exactly as a user would; returns the model, SPG
-    and optimizer."""
+def _train(mode: str, make_optimizer, tasks, model: MultiHeadNet | None = None, mask: str = "auto"):
+    """Train through the public integration exactly as a user would (``mode`` wrap or attach with
+    ``mask``), or mask by hand (``manual``: the gradient; ``manual-update``: the change each step
+    made, written out); returns the model, SPG and optimizer."""
     model = model or _fresh()
     spg = SPG(model, heads=model.heads)
     base = make_optimizer(model.parameters())
-    opt = spg.wrap(base) if mode == "wrap" else base
+    opt = spg.wrap(base, mask=mask) if mode == "wrap" else base
     if mode == "attach":
-        spg.attach(base)
+        spg.attach(base, mask=mask)
     for task, batches in enumerate(tasks):
         for _ in range(EPOCHS):
             for x, y in batches:
@@ -38,9 +39,27 @@ def _train(mode: str, make_optimizer, tasks, model: MultiHeadNet | None = None):
                 F.cross_entropy(model(x, task), y).backward()
                 if mode == "manual":
                     spg.mask_gradients()
-                opt.step()
+                if mode == "manual-update":
+                    _step_and_scale_the_change(spg, opt)
+                else:
+                    opt.step()
         spg.end_task(task, batches)
     return model, spg, opt
+
+
+@torch.no_grad()
+def _step_and_scale_the_change(spg: SPG, opt: torch.optim.Optimizer) -> None:
+    """The update mask written out: step, then ``p = before + keep * (p - before)``."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    before = [p.clone() for p in params]
+    opt.step()
+    if spg.head_scale is None:
+        return
+    names = {p: n for n, p in spg.model.named_parameters()}
+    keeps = spg.keep_factors
+    for p, b in zip(params, before, strict=True):
+        keep = keeps.get(names[p], spg.head_scale)
+        p.copy_(b + keep * (p - b))
 
 
 def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
@@ -71,23 +90,37 @@ def test_wrap_attach_and_the_literal_spec_train_the_same_weights():
     assert moved(wrapped) < 0.9 * moved(unmasked)
 
 
-@pytest.mark.parametrize(
-    "make_optimizer",
-    [
-        lambda p: torch.optim.Adam(p, lr=0.01),
-        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=True),
-        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-        lambda p: torch.optim.RMSprop(p, lr=0.01),
-    ],
-    ids=["adam", "adamw-foreach", "sgd-nesterov", "rmsprop"],
-)
-def test_any_optimizer_equals_masking_by_hand(make_optimizer):
+OPTIMIZERS = [
+    lambda p: torch.optim.Adam(p, lr=0.01),
+    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=True),
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    lambda p: torch.optim.RMSprop(p, lr=0.01),
+]
+OPTIMIZER_IDS = ["adam", "adamw-foreach", "sgd-nesterov-wd", "rmsprop"]
+
+
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS, ids=OPTIMIZER_IDS)
+def test_any_optimizer_with_the_gradient_mask_equals_masking_by_hand(make_optimizer):
     tasks = make_tasks()
-    wrapped, _, _ = _train("wrap", make_optimizer, tasks)
-    attached, _, _ = _train("attach", make_optimizer, tasks)
+    wrapped, _, _ = _train("wrap", make_optimizer, tasks, mask="gradient")
+    attached, _, _ = _train("attach", make_optimizer, tasks, mask="gradient")
     manual, _, _ = _train("manual", make_optimizer, tasks)
     _assert_same_weights(wrapped, manual)
     _assert_same_weights(attached, manual)
+
+
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS, ids=OPTIMIZER_IDS)
+def test_any_optimizer_with_the_update_mask_equals_scaling_the_change_by_hand(make_optimizer):
+    """For all of these ``mask="auto"`` is the update mask; it equals stepping, then scaling
+    each change by hand (to float rounding: torch's lerp forms it differently)."""
+    tasks = make_tasks()
+    manual, _, _ = _train("manual-update", make_optimizer, tasks)
+    for mode in ("wrap", "attach"):
+        trained, _, opt = _train(mode, make_optimizer, tasks)
+        for (name, p), q in zip(trained.named_parameters(), manual.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        if mode == "wrap":
+            assert opt.mask_modes() == ["update"]
 
 
 def test_wrapper_is_an_optimizer_sharing_the_inner_state():
@@ -285,21 +318,21 @@ def test_masking_twice_is_refused():
     spg = SPG(model, heads=model.heads)
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped = spg.wrap(inner)
-    with pytest.raises(RuntimeError, match="already masks"):
+    with pytest.raises(RuntimeError, match="is already masked through an SPG object"):
         spg.attach(inner)
-    with pytest.raises(RuntimeError, match="already masks"):
+    with pytest.raises(RuntimeError, match="is already masked through an SPG object"):
         spg.wrap(inner)
     with pytest.raises(TypeError, match="already"):
         spg.attach(wrapped)
     with pytest.raises(TypeError, match="already an SPGOptimizer"):
         spg.wrap(wrapped)
     other = SPG(model, heads=model.heads)
-    with pytest.raises(RuntimeError, match="SGD already masks its gradients through an SPG object"):
+    with pytest.raises(RuntimeError, match="SGD is already masked through an SPG object"):
         other.attach(inner)
     fused = optim.SGD(
         model.parameters(), lr=0.1, spg=other
     )  # a fused optimizer registers itself too
-    with pytest.raises(RuntimeError, match="already masks"):
+    with pytest.raises(RuntimeError, match="is already masked through an SPG object"):
         spg.attach(fused)
 
 
@@ -327,7 +360,7 @@ def test_masked_optimizers_pickle_and_keep_masking(how):
             o.step()
     for a, b in zip(*(m.parameters() for m in models), strict=True):
         assert torch.equal(a, b)
-    with pytest.raises(RuntimeError, match="already masks"):
+    with pytest.raises(RuntimeError, match="is already masked through an SPG object"):
         (copy_._spg if how == "wrap" else copy_.spg).wrap(
             copy_ if how == "fused" else copy_.optimizer
         )
@@ -348,7 +381,7 @@ def test_step_hooks_run_around_the_masked_step():
     F.cross_entropy(model(x, 1), y).backward()
     opt.step()
     assert [s[0] for s in seen] == ["pre", "inner", "post"] and seen[0][1] and seen[2][1]
-    keep = 1 - spg.importance["trunk.0.weight"]
+    keep = spg.keep_factors["trunk.0.weight"]
     assert torch.equal(
         seen[1][1], seen[0][2] * keep
     )  # the wrapped optimizer sees the masked gradient
@@ -357,6 +390,8 @@ def test_step_hooks_run_around_the_masked_step():
 @pytest.mark.parametrize("mode", ["wrap", "attach"])
 @pytest.mark.parametrize("kind", ["sgd", "lbfgs"])
 def test_step_with_closure_masks_every_evaluation(mode, kind):
+    """Gradient mask: the closure's gradients are masked after every evaluation (LBFGS evaluates
+    several times per step)."""
     tasks = make_tasks()
 
     def run(masking: str):
@@ -366,9 +401,9 @@ def test_step_with_closure_masks_every_evaluation(mode, kind):
             if kind == "sgd"
             else torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
         )
-        opt = spg.wrap(inner) if masking == "wrap" else inner
+        opt = spg.wrap(inner, mask="gradient") if masking == "wrap" else inner
         if masking == "attach":
-            spg.attach(inner)
+            spg.attach(inner, mask="gradient")
         x, y = tasks[1][0]
 
         def closure():
@@ -395,9 +430,7 @@ def test_attach_handle_removes_the_masking():
         F.cross_entropy(model(x, 1), y).backward()
         grad = model.trunk[0].weight.grad.clone()
         opt.step()
-        assert torch.equal(
-            model.trunk[0].weight.grad, grad * (1 - spg.importance["trunk.0.weight"])
-        )
+        assert torch.equal(model.trunk[0].weight.grad, grad * spg.keep_factors["trunk.0.weight"])
     opt.zero_grad()
     F.cross_entropy(model(x, 1), y).backward()
     grad = model.trunk[0].weight.grad.clone()
@@ -457,7 +490,9 @@ def test_update_masking_scales_the_step_a_plain_sgd_would_take():
         F.cross_entropy(model(x, 1), y).backward()
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(model.trunk.parameters(), frozen, strict=True))
-    with pytest.raises(ValueError, match="mask='weights' is not one of gradient, update"):
+    with pytest.raises(
+        ValueError, match="mask='weights' is not one of 'auto', 'gradient', 'update'"
+    ):
         spg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), mask="weights")
 
 

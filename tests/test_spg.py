@@ -9,10 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spg_fast import SPG
+from spg_fast import SPG, storage
 from tests.helpers import MultiHeadNet, make_tasks, oracle_importance
 
-TOL = dict(rtol=0, atol=2.0**-25 + 1e-9)
+# A = 1 - keep, decoded from the float32 keep factor: the keep rounded once (half an ulp, at most
+# 2**-25 for a keep in [0.5, 1]) and 1 - keep rounded once when the keep is below 0.5.
+TOL = dict(rtol=0, atol=2.0**-24 + 1e-9)
+# The stored float32 keep factor is the correctly rounded exact 1 - |tanh(z)|: within half an ulp,
+# relative.
+KEEP_RTOL = 2.0**-24 + 1e-12
 
 
 def _oracle_task_importance(model: MultiHeadNet, task: int, batches) -> dict[str, torch.Tensor]:
@@ -31,7 +36,7 @@ def _oracle_task_importance(model: MultiHeadNet, task: int, batches) -> dict[str
 
 
 def _state(spg: SPG) -> dict:
-    return {n: a.clone() for n, a in spg.importance.items()} | {"tasks": spg.tasks_finished}
+    return {n: k.clone() for n, k in spg.keep_factors.items()} | {"tasks": spg.tasks_finished}
 
 
 def _assert_same_state(spg: SPG, saved: dict) -> None:
@@ -58,6 +63,9 @@ def test_end_task_follows_the_spec_over_three_tasks():
         for n, a in spg.importance.items():
             assert a.dtype == torch.float32
             torch.testing.assert_close(a.double(), expected[n], **TOL)
+            keep = spg.keep_factors[n]
+            assert keep.dtype == torch.float32
+            torch.testing.assert_close(keep.double(), 1 - expected[n], rtol=KEEP_RTOL, atol=0)
         mean = torch.cat([a.flatten() for a in expected.values()]).mean()
         torch.testing.assert_close(spg.head_scale.double(), 1 - mean, rtol=0, atol=2.0**-24)
         assert all(p.grad is None for p in model.parameters())
@@ -203,37 +211,37 @@ def test_state_dict_before_any_task_round_trips():
 
 
 def _corrupt(sd: dict, how: str) -> dict:
-    imp = dict(sd["importance"])
+    keep = dict(sd["keep"])
     if how == "missing":
-        del imp["trunk.0.bias"]
+        del keep["trunk.0.bias"]
     elif how == "extra":
-        imp["trunk.9.weight"] = torch.zeros(2)
+        keep["trunk.9.weight"] = torch.zeros(2)
     elif how == "shape":
-        imp["trunk.0.weight"] = imp["trunk.0.weight"].t()
+        keep["trunk.0.weight"] = keep["trunk.0.weight"].t()
     elif how == "range":
-        imp["trunk.3.bias"] = imp["trunk.3.bias"] + 2
+        keep["trunk.3.bias"] = keep["trunk.3.bias"] + 2
     elif how == "nan":
-        imp["trunk.3.bias"] = imp["trunk.3.bias"] * float("nan")
+        keep["trunk.3.bias"] = keep["trunk.3.bias"] * float("nan")
     elif how == "dtype":
-        imp["trunk.3.bias"] = imp["trunk.3.bias"].long()
+        keep["trunk.3.bias"] = keep["trunk.3.bias"].long()
     elif how == "keys":
         return {**sd, "extra": 1}
     elif how == "tasks":
         return {**sd, "tasks_finished": -1}
     elif how == "format":
         return {**sd, "format": 99}
-    return {**sd, "importance": imp}
+    return {**sd, "keep": keep}
 
 
 @pytest.mark.parametrize(
     "how, message",
     [
-        ("missing", "missing importance for trunk.0.bias"),
+        ("missing", "missing keep for trunk.0.bias"),
         ("extra", "unexpected entries trunk.9.weight"),
         ("shape", r"trunk.0.weight: shape \(6, 12\) does not match the parameter's \(12, 6\)"),
-        ("range", r"trunk.3.bias: importance values must lie in \[0, 1\]"),
-        ("nan", r"trunk.3.bias: importance values must lie in \[0, 1\]"),
-        ("dtype", "trunk.3.bias: expected a floating-point tensor"),
+        ("range", r"trunk.3.bias: keep factor values must lie in \[0, 1\]"),
+        ("nan", r"trunk.3.bias: keep factor values must lie in \[0, 1\]"),
+        ("dtype", "trunk.3.bias: keep factors stored as torch.int64"),
         ("keys", "must have keys"),
         ("tasks", "tasks_finished must be an int >= 0"),
         ("format", "format 99"),
@@ -249,20 +257,51 @@ def test_bad_state_dicts_are_rejected_and_change_nothing(trained, how, message):
     _assert_same_state(target, saved)
 
 
-def test_bfloat16_importance_is_the_float32_importance_rounded():
-    """Rounding is monotone, so max-accumulating in bfloat16 equals rounding the float32 result:
-    within 2**-9."""
+def test_a_format_1_state_dict_holding_a_loads_as_its_keep_factors(trained):
+    model, spg, _ = trained
+    old = {"format": 1, "tasks_finished": 1, "importance": spg.importance}
+    restored = SPG(model, heads=model.heads)
+    restored.load_state_dict(old)
+    for name, keep in spg.keep_factors.items():
+        expected = (1 - spg.importance[name].double()).float()
+        assert torch.equal(restored.keep_factors[name], expected), name
+        torch.testing.assert_close(restored.keep_factors[name], keep, rtol=0, atol=2.0**-24)
+
+
+@pytest.mark.parametrize("saved_as", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("load_as", [torch.float32, torch.bfloat16, torch.uint8])
+def test_state_dicts_convert_between_storage_formats(trained, saved_as, load_as):
+    """A checkpoint in one storage format loads into an SPG of another: decoded, then encoded."""
+    model, spg, _ = trained
+    source = SPG(model, heads=model.heads, importance_dtype=saved_as)
+    source.load_state_dict(spg.state_dict())
+    target = SPG(model, heads=model.heads, importance_dtype=load_as)
+    target.load_state_dict(source.state_dict())
+    for name, stored in source.keep_factors.items():
+        assert target.keep_factors[name].dtype == load_as
+        expected = storage.encode(storage.decode(stored), load_as)
+        assert torch.equal(target.keep_factors[name], expected), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
+def test_narrow_storage_is_the_float32_keep_encoded(dtype):
+    """Encoding is monotone, so accumulating in the narrow format equals encoding the float32
+    result exactly, task after task; the keep factor stays within the format's relative bound."""
     torch.manual_seed(4)
     model = MultiHeadNet()
     tasks = make_tasks()
     full = SPG(model, heads=model.heads)
-    half = SPG(model, heads=model.heads, importance_dtype=torch.bfloat16)
-    for task in range(2):
+    narrow = SPG(model, heads=model.heads, importance_dtype=dtype)
+    for task in range(3):
         full.end_task(task, tasks[task])
-        half.end_task(task, tasks[task])
-    for name, a in full.importance.items():
-        assert half.importance[name].dtype == torch.bfloat16
-        assert torch.equal(half.importance[name], a.to(torch.bfloat16)), name
-        assert (half.importance[name].float() - a).abs().max() <= 2.0**-9
+        narrow.end_task(task, tasks[task])
+        for name, keep in full.keep_factors.items():
+            stored = narrow.keep_factors[name]
+            assert stored.dtype == dtype
+            assert torch.equal(stored, storage.encode(keep, dtype)), name
+            decoded = storage.decode(stored).double()
+            bound = storage.RELATIVE_ERROR[dtype]
+            assert ((decoded - keep.double()).abs() <= bound * keep.double()).all(), name
+            assert bool((decoded[keep > 0] > 0).all()), name
     with pytest.raises(ValueError, match="importance_dtype must be"):
         SPG(model, heads=model.heads, importance_dtype=torch.float16)

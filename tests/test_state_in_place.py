@@ -1,4 +1,4 @@
-"""SPG's mask state (``A``, the mask factors, the head scale) keeps its tensors once it exists:
+"""SPG's mask state (the stored keep factors, the head scale) keeps its tensors once it exists:
 end_task and load_state_dict copy into them, so pointers captured in a CUDA graph or cached in a
 launch plan stay valid."""
 
@@ -12,8 +12,8 @@ from tests.helpers import MultiHeadNet, make_tasks
 
 
 def _pointers(spg: SPG) -> list[int]:
-    _, factors, _ = spg.mask_split(list(spg.shared_parameters.values()))
-    return [t.data_ptr() for t in (*spg.importance.values(), *factors, spg.head_scale)]
+    _, keeps, _ = spg._mask_split(list(spg.shared_parameters.values()))
+    return [t.data_ptr() for t in (*spg.keep_factors.values(), *keeps, spg.head_scale)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -23,21 +23,21 @@ def test_later_tasks_and_loads_update_the_same_tensors(backend):
     spg = SPG(model, heads=model.heads, backend=backend)
     tasks = make_tasks()
     spg.end_task(0, tasks[0])
-    pointers, before = _pointers(spg), {n: a.clone() for n, a in spg.importance.items()}
+    pointers, before = _pointers(spg), {n: k.clone() for n, k in spg.keep_factors.items()}
     scale = spg.head_scale.clone()
     spg.end_task(1, tasks[1])
     assert _pointers(spg) == pointers
-    assert any(not torch.equal(a, before[n]) for n, a in spg.importance.items()), (
+    assert any(not torch.equal(k, before[n]) for n, k in spg.keep_factors.items()), (
         "task 1 changed nothing"
     )
     assert not torch.equal(spg.head_scale, scale)
     saved = {
         **spg.state_dict(),
-        "importance": {n: torch.rand_like(a) for n, a in spg.importance.items()},
+        "keep": {n: torch.rand_like(k) for n, k in spg.keep_factors.items()},
     }
     spg.load_state_dict(saved)
     assert _pointers(spg) == pointers
-    assert all(torch.equal(a, saved["importance"][n]) for n, a in spg.importance.items())
+    assert all(torch.equal(k, saved["keep"][n]) for n, k in spg.keep_factors.items())
 
 
 def test_head_scale_has_the_importance_dtype():

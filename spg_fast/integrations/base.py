@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from spg_fast.optimizer import register, unregister
+from spg_fast.mask_mode import MaskMode, check_mask
+from spg_fast.optimizer import AttachHandle
 from spg_fast.spg import SPG
 
 
@@ -73,37 +74,32 @@ def unwrapped(optimizer: Any) -> Optimizer:
 
 
 class MaskedOptimizers:
-    """The optimizers one callback masks. Each is registered in spg-fast's registry the first time
-    it is seen, so an optimizer that ``spg.wrap``, ``spg.attach`` or a ``spg_fast.optim`` optimizer
-    already masks is refused instead of masked twice; ``release`` unregisters them (a fit or train
+    """The optimizers one callback masks, each through ``SPG.attach`` (torch's step pre- and
+    post-hooks, so the mask applies wherever and however the framework steps, in the mode
+    ``spg_fast.mask_mode`` picks per param group). Attaching registers the optimizer in spg-fast's
+    registry, so an optimizer that ``spg.wrap``, ``spg.attach`` or a ``spg_fast.optim`` optimizer
+    already masks is refused instead of masked twice; ``release`` detaches them all (a fit or train
     run is over)."""
 
-    def __init__(self, spg: SPG, how: str) -> None:
+    def __init__(self, spg: SPG, mask: MaskMode) -> None:
+        check_mask(mask)
         self._spg = spg
-        self._how = how
-        self._held: weakref.WeakSet[Optimizer] = weakref.WeakSet()
+        self.mask = mask
+        self._handles: weakref.WeakKeyDictionary[Optimizer, AttachHandle] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def add(self, optimizer: Any) -> Optimizer:
+        """Mask ``optimizer`` (a framework's wrapper around a torch optimizer) from now on."""
         inner = unwrapped(optimizer)
-        if inner not in self._held:
-            register(self._spg, inner, self._how)
-            self._held.add(inner)
+        if inner not in self._handles:
+            self._handles[inner] = self._spg.attach(inner, mask=self.mask)
         return inner
 
-    def mask(self, optimizer: Any) -> None:
-        """Soft-mask the gradients of ``optimizer``'s parameters (call between backward and
-        the step)."""
-        inner = self.add(optimizer)
-        self._spg.mask_gradients(_params(inner.param_groups))
-
     def release(self) -> None:
-        for optimizer in list(self._held):
-            unregister(optimizer)
-        self._held = weakref.WeakSet()
-
-
-def _params(groups: Iterable[Mapping[str, Any]]) -> Iterable[torch.Tensor]:
-    return (p for group in groups for p in group["params"])
+        for handle in list(self._handles.values()):
+            handle.remove()
+        self._handles = weakref.WeakKeyDictionary()
 
 
 def end_current_task(spg: SPG, loader: Iterable[Any], options: Mapping[str, Any]) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from spg_fast.integrations.base import (
     MaskedOptimizers,
     check_model_holds,
@@ -14,6 +12,7 @@ from spg_fast.integrations.base import (
     end_current_task,
     refuse_multiprocess,
 )
+from spg_fast.mask_mode import MaskMode
 from spg_fast.spg import SPG
 
 try:
@@ -30,11 +29,13 @@ _WHERE = "spg_fast.integrations.lightning.SPGCallback"
 class SPGCallback(pl.Callback):
     """Run SPG inside ``lightning.Trainer.fit``: one ``fit`` is one task.
 
-    - Masking: in ``on_before_optimizer_step`` (after backward and, with 16-bit AMP, after
-      unscaling; before gradient clipping and the step) the gradients of the optimizer about to step
-      are soft-masked, as ``spg.wrap`` would. An optimizer already masked through ``spg.wrap``,
-      ``spg.attach`` or ``spg_fast.optim`` is refused when the fit starts, as is one holding
-      parameters that are not the SPG model's.
+    - Masking: when the fit starts, every optimizer of the trainer gets ``spg.attach(optimizer,
+      mask=mask)``: its ``step()`` applies SPG's mask in the mode ``spg_fast.mask_mode`` picks per
+      param group (``mask="auto"``: the paper's gradient mask for SGD without weight decay, the
+      update mask for AdamW and everything else), wherever Lightning steps it (after gradient
+      clipping and, with 16-bit AMP, after unscaling). An optimizer already masked through
+      ``spg.wrap``, ``spg.attach`` or ``spg_fast.optim`` is refused when the fit starts, as is one
+      holding parameters that are not the SPG model's.
     - End of task: when ``fit`` finishes (not when it fails or is interrupted), ``spg.end_task``
       runs for task ``spg.tasks_finished`` over the fit's train dataloader, on the device the model
       trained on. ``end_task_options`` (``forward``, ``loss_fn``, ``prepare_batch``, ...) are passed
@@ -47,10 +48,10 @@ class SPGCallback(pl.Callback):
     One training process only (a distributed run is refused).
     """
 
-    def __init__(self, spg: SPG, **end_task_options: Any) -> None:
+    def __init__(self, spg: SPG, *, mask: MaskMode = "auto", **end_task_options: Any) -> None:
         self.spg = spg
         self.end_task_options = checked_end_task_options(spg, end_task_options, _WHERE)
-        self._optimizers = MaskedOptimizers(spg, _WHERE)
+        self._optimizers = MaskedOptimizers(spg, mask)
         self._pending_state: dict[str, Any] | None = None
         self._fitting = False
 
@@ -68,11 +69,6 @@ class SPGCallback(pl.Callback):
             self.spg.load_state_dict(state)
         for optimizer in trainer.optimizers:
             self._optimizers.add(optimizer)
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        self._optimizers.mask(optimizer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = trainer.train_dataloader

@@ -17,6 +17,7 @@ from spg_fast.integrations.base import (
     end_current_task,
     refuse_multiprocess,
 )
+from spg_fast.mask_mode import MaskMode
 from spg_fast.spg import SPG
 
 try:
@@ -38,10 +39,12 @@ that step."""
 class SPGCallback(TrainerCallback):
     """Run SPG inside ``transformers.Trainer.train``: one ``train()`` call is one task.
 
-    - Masking: in ``on_pre_optimizer_step`` (after backward and gradient clipping, right before
-      ``optimizer.step()``), the gradients of the Trainer's optimizer are soft-masked, as
-      ``spg.wrap`` would. An optimizer already masked through ``spg.wrap``, ``spg.attach`` or
-      ``spg_fast.optim`` is refused.
+    - Masking: when training begins, the Trainer's optimizer (unwrapped from Accelerate) gets
+      ``spg.attach(optimizer, mask=mask)``: its ``step()`` applies SPG's mask in the mode
+      ``spg_fast.mask_mode`` picks per param group (``mask="auto"``: the update mask for the
+      Trainer's default AdamW, which gradient masking would not protect), after gradient clipping.
+      An optimizer already masked through ``spg.wrap``, ``spg.attach`` or ``spg_fast.optim`` is
+      refused.
     - End of task: when training finishes, ``spg.end_task`` runs for task ``spg.tasks_finished``
       over the Trainer's train dataloader (its batches are already on the model's device).
       ``end_task_options`` are passed to it; those not given default to the model's own loss, as the
@@ -56,10 +59,10 @@ class SPGCallback(TrainerCallback):
     One training process only (a distributed run is refused).
     """
 
-    def __init__(self, spg: SPG, **end_task_options: Any) -> None:
+    def __init__(self, spg: SPG, *, mask: MaskMode = "auto", **end_task_options: Any) -> None:
         self.spg = spg
         self.end_task_options = checked_end_task_options(spg, end_task_options, _WHERE)
-        self._optimizers = MaskedOptimizers(spg, _WHERE)
+        self._optimizers = MaskedOptimizers(spg, mask)
 
     def on_train_begin(
         self,
@@ -75,16 +78,6 @@ class SPGCallback(TrainerCallback):
         if state.global_step > 0:  # the Trainer resumed from a checkpoint
             self._restore(args, state)
         self._optimizers.add(optimizer)
-
-    def on_pre_optimizer_step(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        optimizer: torch.optim.Optimizer | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._optimizers.mask(optimizer)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -24,8 +24,8 @@ def torch_checked(
 ) -> list[dict[str, Any]]:
     """``params`` as a list of param groups, after ``torch_class`` has checked them and
     ``options`` as torch does (an invalid value raises torch's own error), then spg-fast's own
-    limits: ``differentiable=True``, ``foreach=True``, ``fused=False`` and tensor ``betas`` are
-    refused by name (the step is always spg-fast's fused one)."""
+    limits: ``differentiable=True``, ``foreach=True``, ``fused=False`` and hyperparameters other
+    than ``lr`` given as tensors are refused by name (the step is always spg-fast's fused one)."""
     groups = list(params) if not isinstance(params, Tensor) else [params]
     # Torch fills defaults into group dicts it is given: it checks copies.
     torch_class([dict(g) if isinstance(g, dict) else g for g in groups], **options)
@@ -42,10 +42,13 @@ def torch_checked(
             f"implementation use spg.wrap(torch.optim.{where}(..., foreach=...))"
         )
     for group in [options, *(g for g in groups if isinstance(g, dict))]:
-        if any(isinstance(b, Tensor) for b in group.get("betas", ())):
-            raise TypeError(
-                f"spg_fast.optim.{where}: betas as Tensors are not supported; pass floats"
-            )
+        for key, value in group.items():
+            values = value if key == "betas" else (value,)
+            if key not in ("lr", "params") and any(isinstance(v, Tensor) for v in values):
+                raise TypeError(
+                    f"spg_fast.optim.{where}: {key} as a Tensor is not supported; pass a float "
+                    "(only lr may be a tensor)"
+                )
     return groups
 
 

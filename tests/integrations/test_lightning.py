@@ -123,7 +123,7 @@ def test_task_two_is_masked_once_before_each_step(after_task0, tmp_path):
     module, spg, loaders = after_task0
     masked, masked_spg = _copy_for_task1(module, spg)
     control, _ = _copy_for_task1(module, spg)
-    _fit(masked, loaders[1], tmp_path / "masked", [SPGCallback(masked_spg)])
+    _fit(masked, loaders[1], tmp_path / "masked", [SPGCallback(masked_spg, mask="gradient")])
     _fit(control, loaders[1], tmp_path / "control")
 
     # The first step starts from the same weights: what the optimizer sees is exactly the unmasked
@@ -135,7 +135,7 @@ def test_task_two_is_masked_once_before_each_step(after_task0, tmp_path):
         == {*spg.importance, "heads.1.weight", "heads.1.bias"}
     )
     for name, g in control.seen[0].items():
-        factor = 1 - spg.importance[name] if name in spg.importance else spg.head_scale
+        factor = spg.keep_factors[name] if name in spg.importance else spg.head_scale
         assert torch.equal(masked.seen[0][name], g * factor), name
 
     # Over the whole task, the weights task 0 relies on most (A > 0.9) move far less than without
@@ -181,8 +181,8 @@ def test_a_checkpoint_restores_spg_state_and_the_run_continues_identically(
 
     saved = torch.load(checkpoint, weights_only=True)["callbacks"]["SPGCallback"]
     assert saved["tasks_finished"] == 1
-    for name, a in spg.importance.items():
-        assert torch.equal(saved["importance"][name], a), name
+    for name, k in spg.keep_factors.items():
+        assert torch.equal(saved["keep"][name], k), name
 
     # Fresh weights and a fresh SPG: everything comes from the checkpoint. From the mid-task
     # checkpoint the second epoch trains with the restored masks; from the last one Lightning skips
@@ -202,7 +202,7 @@ def test_an_optimizer_already_masked_is_refused(after_task0, tmp_path):
     module, spg, loaders = after_task0
     twin, twin_spg = _copy_for_task1(module, spg)
     twin.wrap_with = twin_spg
-    with pytest.raises(RuntimeError, match="already masks its gradients"):
+    with pytest.raises(RuntimeError, match="is already masked through an SPG object"):
         _fit(twin, loaders[1], tmp_path, [SPGCallback(twin_spg)])
     assert twin.optimizers_made[0].seen == []  # refused when the fit starts, before any step
 

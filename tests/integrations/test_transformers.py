@@ -144,7 +144,7 @@ def test_task_two_is_masked_once_right_before_each_step(after_task0, tmp_path):
     model, spg = after_task0
     masked, masked_spg = _twin(model, spg)
     control = copy.deepcopy(model)
-    seen_masked = _train(masked, TASKS[1], tmp_path / "masked", [SPGCallback(masked_spg)])
+    seen_masked = _train(masked, TASKS[1], tmp_path / "masked", [SPGCallback(masked_spg, mask="gradient")])
     seen_control = _train(control, TASKS[1], tmp_path / "control")
     assert len(seen_masked) == len(seen_control) == STEPS
 
@@ -153,7 +153,7 @@ def test_task_two_is_masked_once_right_before_each_step(after_task0, tmp_path):
     assert seen_masked[0].keys() == seen_control[0].keys() == {*spg.importance}
     assert "lm_head.weight" in spg.importance
     for name, g in seen_control[0].items():
-        assert torch.equal(seen_masked[0][name], g * (1 - spg.importance[name])), name
+        assert torch.equal(seen_masked[0][name], g * spg.keep_factors[name]), name
 
     # Over the task, the weights task 0 relies on most (A > 0.9) move far less than without
     # the callback.
@@ -191,8 +191,8 @@ def test_a_checkpoint_folder_restores_spg_state_and_the_run_continues_identicall
     folder = out / f"checkpoint-{resume_step}"
     saved = torch.load(folder / STATE_FILE, weights_only=True)
     assert saved["global_step"] == resume_step and saved["spg"]["tasks_finished"] == 1
-    for name, a in spg.importance.items():
-        assert torch.equal(saved["spg"]["importance"][name], a), name
+    for name, k in spg.keep_factors.items():
+        assert torch.equal(saved["spg"]["keep"][name], k), name
 
     # Fresh weights and a fresh SPG: everything comes from the checkpoint folder. From step 2 the
     # last steps train with the restored masks; from the last step only the task ends.
@@ -221,7 +221,7 @@ def test_resuming_without_spg_state_or_an_already_masked_optimizer_is_refused(
         _train(fresh, TASKS[1], without, [SPGCallback(_spg(fresh))], resume=True)
 
     twin, twin_spg = _twin(model, spg)
-    with pytest.raises(RuntimeError, match="already masks its gradients"):
+    with pytest.raises(RuntimeError, match="is already masked through an SPG object"):
         _train(twin, TASKS[1], tmp_path / "wrapped", [SPGCallback(twin_spg)], wrap_with=twin_spg)
 
 
