@@ -50,7 +50,7 @@ def _sharded(seed: int = 0) -> tuple[ShardNet, ShardNet]:
 
 
 def _full(spg: SPG) -> dict[str, Tensor]:
-    return {n: t.detach().clone() for n, t in spg.state_dict(full=True)["importance"].items()}
+    return {n: t.detach().clone() for n, t in spg.state_dict(full=True)["keep"].items()}
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, task: int, batches: list) -> None:
@@ -80,8 +80,8 @@ def _importance_scenario(rank: int, split: int) -> dict[str, Any]:
         full = _full(spg)
         result["diff"].append(
             max(
-                float((full[n].double() - a.double()).abs().max())
-                for n, a in single.importance.items()
+                float((full[n].double() - k.double()).abs().max())
+                for n, k in single.keep_factors.items()
             )
         )
         result["importance"].append(full)
@@ -124,7 +124,7 @@ def _failure_scenario(rank: int, kind: str) -> dict[str, Any]:
         if kind == "bad_checkpoint":
             state = spg.state_dict(full=True)
             if rank == 1:
-                state["importance"]["trunk.0.weight"] = state["importance"]["trunk.0.weight"] + 2
+                state["keep"]["trunk.0.weight"] = state["keep"]["trunk.0.weight"] + 2
             spg.load_state_dict(state)
         elif kind == "shared_forward":
             spg.end_task(1, batches, shared_forward=True)
@@ -184,11 +184,11 @@ def _checkpoint_scenario(rank: int, folder: Path) -> dict[str, Any]:
         float((full_params[n] - p.detach()).abs().max()) for n, p in plain.named_parameters()
     )
     return {
-        "full_importance": {n: t.clone() for n, t in full["importance"].items()},
+        "full_importance": {n: t.clone() for n, t in full["keep"].items()},
         "grads_kept": grads_kept,
         "update_masked_diff": update_masked,
         "plain_equal": all(
-            torch.equal(into_plain.importance[n], full["importance"][n]) for n in full["importance"]
+            torch.equal(into_plain.keep_factors[n], full["keep"][n]) for n in full["keep"]
         ),
         "back_equal": all(
             torch.equal(back.importance[n].to_local(), a.to_local())
@@ -258,7 +258,7 @@ def _no_heads_scenario(rank: int) -> dict[str, Any]:
     return {
         "dtypes": sorted({str(a.dtype) for a in full.values()}),
         "diff": max(
-            float((full[n].float() - a.float()).abs().max()) for n, a in single.importance.items()
+            float((full[n].float() - k.float()).abs().max()) for n, k in single.keep_factors.items()
         ),
         "head_scale": (float(spg.head_scale), float(single.head_scale)),
     }

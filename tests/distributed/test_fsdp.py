@@ -155,9 +155,9 @@ def test_dcp_checkpoint_of_two_ranks_loads_into_one_plain_process(
     not sharded."""
     spg = SPG(ShardNet(), heads="heads", backend="torch")
     dcp.load({"spg": SPGState(spg)}, checkpoint_id=str(folder / "dcp"), no_dist=True)
-    want = ranks[0]["checkpoint"]["full_importance"]
-    assert spg.tasks_finished == 1 and spg.importance.keys() == want.keys()
-    assert all(torch.equal(spg.importance[n], want[n]) for n in want)
+    want = ranks[0]["checkpoint"]["full_importance"]  # the stored keep factors
+    assert spg.tasks_finished == 1 and spg.keep_factors.keys() == want.keys()
+    assert all(torch.equal(spg.keep_factors[n], want[n]) for n in want)
 
 
 def test_a_model_without_heads_with_bfloat16_importance(ranks: list[dict[str, Any]]) -> None:
