@@ -1,6 +1,8 @@
-"""How much SPG protects earlier tasks under SGD, SGD with momentum, Adam and AdamW, masking the gradient (the
-paper's method, ``spg.wrap(opt, mask="gradient")``) or the update (``mask="update"``),
-against fine-tuning.
+"""SPG's protection of earlier tasks under SGD, SGD-momentum, Adam and AdamW, per mask mode.
+
+Through SPG's default (``spg.wrap(opt)``, ``mask="auto"``), each mask mode forced
+(``mask="gradient"``, the paper's rule; ``mask="update"``) and the fused optimizers
+(``spg_fast.optim``), against fine-tuning.
 
     python -m bench.adaptive --out bench/results/<machine>-adaptive
         [--sequences digits,digits-permuted] [--seeds 0,1,2] [--epochs 20]
@@ -13,7 +15,7 @@ task seen so far after each task gives the accuracy matrix, from which ``spg_fas
 computes ACC, forgetting and BWT. The same seed gives every optimizer and method the same data
 split, class order, initial weights and batch order (paired runs). Writes ``results.{md,csv,json}``
 (the environment and the exact configuration in the JSON) after every run.
-"""  # noqa: E501
+"""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import spg_fast
-from spg_fast import SPG
+from spg_fast import SPG, optim
 from spg_fast.harness.config import TrainConfig
 from spg_fast.harness.metrics import summary
 from spg_fast.harness.models import build_model
@@ -60,45 +62,32 @@ DEFAULT_OPTIMIZERS = "sgd:0.1,sgd-momentum:0.01,adam:1e-3,adamw:1e-3"
 METRICS = ("acc", "forgetting", "bwt")
 
 
-def _masked_step(spg: SPG, optimizer: torch.optim.Optimizer, mask: str) -> Step:
-    return spg.wrap(optimizer, mask=mask).step
-
-
-def _normalised_step_masked(spg: SPG, optimizer: torch.optim.Optimizer) -> Step:
-    """Experimental: soft-mask AdamW's normalised step before the learning rate scales it, and leave
-    its decoupled weight decay unmasked, ``p <- p (1 - lr wd) - lr (1 - A) m / (sqrt(v) + eps)``
-    (``mask="update"`` masks the decay too). For optimizers without decoupled weight decay this is
-    ``mask="update"`` exactly, so it is run for AdamW only."""
-    groups = optimizer.param_groups
-    if not all(g.get("decoupled_weight_decay") for g in groups):
-        raise ValueError(
-            "spg-step differs from spg-update only under decoupled weight decay (AdamW)"
-        )
-    spg.check_parameters((p for g in groups for p in g["params"]), "spg-step")
-
-    def step() -> None:
-        params, decayed = [], []
-        for g in groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    params.append(p)
-                    decayed.append(p.detach() * (1 - g["lr"] * g["weight_decay"]))
-        optimizer.step()
-        spg.mask_updates(params, decayed)
-
-    return step
-
-
-# Method -> how one training step is taken, given the SPG object (None for fine-tuning) and the
-# task's optimizer.
-METHODS: dict[str, Callable[[SPG | None, torch.optim.Optimizer], Step]] = {
-    "finetune": lambda spg, optimizer: optimizer.step,
-    "spg-gradient": lambda spg, optimizer: _masked_step(spg, optimizer, "gradient"),
-    "spg-update": lambda spg, optimizer: _masked_step(spg, optimizer, "update"),
-    "spg-step": _normalised_step_masked,
+FUSED: dict[str, Callable[[Any, float, SPG], torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr, spg: optim.SGD(params, lr=lr, spg=spg),
+    "sgd-momentum": lambda params, lr, spg: optim.SGD(params, lr=lr, momentum=0.9, spg=spg),
+    "adam": lambda params, lr, spg: optim.Adam(params, lr=lr, spg=spg),
+    "adamw": lambda params, lr, spg: optim.AdamW(params, lr=lr, spg=spg),
 }
-# Methods that apply to some optimizers only (the others are skipped).
-ONLY_FOR = {"spg-step": ("adamw",)}
+
+
+def _step(method: str, spg: SPG | None, name: str, params: Any, lr: float) -> Step:
+    """One training step of ``method`` with a fresh optimizer ``name`` over ``params``."""
+    if method == "spg-fused":
+        return FUSED[name](params, lr, spg).step
+    optimizer = OPTIMIZERS[name](params, lr)
+    if method == "finetune":
+        return optimizer.step
+    return spg.wrap(optimizer, mask=METHODS[method]).step
+
+
+# Method -> SPG's mask mode through spg.wrap (None: no SPG, or the fused optimizer's default).
+METHODS: dict[str, str | None] = {
+    "finetune": None,
+    "spg": "auto",
+    "spg-gradient": "gradient",
+    "spg-update": "update",
+    "spg-fused": None,
+}
 
 
 @dataclass(frozen=True)
@@ -129,7 +118,7 @@ def run_one(
     spg = SPG(model, heads=model.heads) if method != "finetune" else None
     matrix: list[list[float]] = []
     for task, data in enumerate(tasks):
-        step = METHODS[method](spg, OPTIMIZERS[optimizer](model.parameters(), lr))
+        step = _step(method, spg, optimizer, model.parameters(), lr)
         for _ in range(cfg.epochs):
             model.train()
             for x, y in inputs.batches(
@@ -224,11 +213,13 @@ def _markdown(
 
 
 LEGEND = (
-    "Methods: finetune, no protection; spg-gradient, `spg.wrap(opt)` (the paper's gradient "
-    'masking); spg-update, `spg.wrap(opt, mask="update")`; spg-step (experimental, AdamW only), '
-    "AdamW's normalised step masked before the learning rate scales it, its decoupled weight decay "
-    "left unmasked. Optimizers: torch's defaults except: sgd-momentum momentum 0.9; adam no weight "
-    "decay; adamw weight decay 0.01 (every setting in results.json, optimizer_settings)."
+    'Methods: finetune, no protection; spg, `spg.wrap(opt)` (the default, `mask="auto"`: the '
+    "gradient mask under SGD without weight decay, the update mask otherwise); spg-gradient, "
+    '`spg.wrap(opt, mask="gradient")` (the paper\'s rule); spg-update, '
+    '`spg.wrap(opt, mask="update")`; spg-fused, `spg_fast.optim`\'s optimizer of the same kind '
+    "with its default mask. Optimizers: torch's defaults except: sgd-momentum momentum 0.9; adam "
+    "no weight decay; adamw weight decay 0.01 (every setting in results.json, "
+    "optimizer_settings)."
 )
 
 
@@ -412,9 +403,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(cfg.threads)
     env = environment(cfg.threads, argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    pairs = [
-        (o, lr, m) for o, lr in cfg.optimizers for m in cfg.methods if o in ONLY_FOR.get(m, (o,))
-    ]
+    pairs = [(o, lr, m) for o, lr in cfg.optimizers for m in cfg.methods]
     planned = len(cfg.sequences) * len(cfg.seeds) * len(pairs)
     rows: list[dict[str, Any]] = []
     for sequence in cfg.sequences:

@@ -26,10 +26,7 @@ def test_tiny_run_writes_md_csv_json(tmp_path, capsys):
         "sgd:0.1,adamw:1e-3",
     ]
     rows = main(args)
-    # spg-step runs for AdamW only; every other method for every optimizer.
-    expected = {(o, m) for o in ("sgd", "adamw") for m in METHODS if m != "spg-step"} | {
-        ("adamw", "spg-step")
-    }
+    expected = {(o, m) for o in ("sgd", "adamw") for m in METHODS}
     assert {(r["optimizer"], r["method"]) for r in rows} == expected and len(rows) == len(expected)
 
     table = list(csv.DictReader((tmp_path / "results.csv").open()))
@@ -52,8 +49,8 @@ def test_tiny_run_writes_md_csv_json(tmp_path, capsys):
     assert {s["method"] for s in saved["summary"]} == set(METHODS)
 
     md = (tmp_path / "results.md").read_text()
-    assert "## digits" in md and "| adamw | 0.001 | spg-step |" in md and "partial" not in md
-    assert "[7/7] digits seed 0 adamw" in capsys.readouterr().out
+    assert "## digits" in md and "| adamw | 0.001 | spg-fused |" in md and "partial" not in md
+    assert "[10/10] digits seed 0 adamw" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):  # results already there: refused without --overwrite
         main(args)
