@@ -10,6 +10,7 @@ from spg_fast.kernels.triton.rounding import round_to
 # The uint8 code c stands for the float32 with bits (c + U8_OFFSET) << U8_SHIFT (see storage).
 U8_SHIFT = tl.constexpr(20)
 U8_OFFSET = tl.constexpr(761)
+U8_HALF = tl.constexpr(1 << 19)  # half the step of the last kept bit: rounds to nearest
 
 
 @triton.jit
@@ -18,6 +19,10 @@ def decode(x, SDT: tl.constexpr):
     if tl.uint8 == SDT:
         bits = (x.to(tl.uint32) + U8_OFFSET) << U8_SHIFT
         k = tl.where(x == 0, 0.0, bits.to(tl.float32, bitcast=True))
+    elif tl.bfloat16 == SDT:
+        # From the bits: Triton's interpreter converts bfloat16 subnormals to float32 wrongly.
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        k = bits.to(tl.float32, bitcast=True)
     else:
         k = x.to(tl.float32)
     return k
@@ -29,7 +34,7 @@ def encode(k, SDT: tl.constexpr):
     rounded to nearest even and never to 0 from above 0, uint8 as the nearest E5M3 code."""
     if tl.uint8 == SDT:
         bits = k.to(tl.uint32, bitcast=True)
-        code = ((bits + (1 << (U8_SHIFT - 1))) >> U8_SHIFT).to(tl.int32) - U8_OFFSET
+        code = ((bits + U8_HALF) >> U8_SHIFT).to(tl.int32) - U8_OFFSET
         code = tl.minimum(tl.maximum(code, 1), 255)
         out = tl.where(k > 0.0, code, 0).to(tl.uint8)
     elif tl.bfloat16 == SDT:
