@@ -375,15 +375,18 @@ def soft_mask_(
 
 
 def _scale_changes_(params: list[Tensor], before: list[Tensor], factors: list[Tensor]) -> None:
-    """``p <- before + factor * (p - before)`` per triple; ``before`` is clobbered."""
-    same = [i for i, (p, f) in enumerate(zip(params, factors, strict=True)) if p.dtype == f.dtype]
-    if len(same) == len(params):  # two passes: lerp into ``before``, copy back
-        torch._foreach_lerp_(before, params, factors)
-        torch._foreach_copy_(params, before)
-        return
-    torch._foreach_sub_(params, before)
-    torch._foreach_mul_(params, factors)
-    torch._foreach_add_(params, before)
+    """``p <- before + factor * (p - before)`` per triple: the difference, the product and the sum
+    each rounded to ``compute_dtype`` (as the kernels form them, so that both give the same bits),
+    then rounded once to the parameter's dtype. ``before`` may be clobbered."""
+    wide = [i for i, p in enumerate(params) if compute_dtype(p.dtype) == p.dtype]
+    if wide:
+        ps, bs = [params[i] for i in wide], [before[i] for i in wide]
+        torch._foreach_sub_(ps, bs)
+        torch._foreach_mul_(ps, [factors[i] for i in wide])
+        torch._foreach_add_(ps, bs)
+    for i in sorted(set(range(len(params))) - set(wide)):
+        p, b = params[i], before[i].to(compute_dtype(params[i].dtype))
+        p.copy_((p.to(b.dtype) - b).mul_(factors[i]).add_(b))
 
 
 def scale_updates_(

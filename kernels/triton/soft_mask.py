@@ -112,6 +112,8 @@ def _launch(
         BLOCK=BLOCK,
         ALIGNED=plan.aligned,
         num_warps=NUM_WARPS,
+        # No fused multiply-add: ``before + keep * change`` rounds the product, as the reference.
+        enable_fp_fusion=False,
     )
     write_back(xs, work[0])
 
