@@ -57,10 +57,21 @@ def test_help_describes_every_option_and_sequence(capsys):
         "--overwrite",
         "--schedule",
         "--bn-stats",
+        "--mask",
+        "--hat-smax",
+        "--hat-c",
+        "--hat-clipgrad",
+        "--hat-thres-cosh",
+        "--hat-thres-emb",
+        "--ewc-lambda",
+        "--threads",
+        "--tensorboard",
     ):
         assert option in text, option
     assert "training protocol (default" not in text  # no generic help left
     assert "seed of the class order" in text
+    assert "hat (hard attention to the task, Serra et al. 2018)" in text
+    assert "(default 400; hat only)" in text and "(default 5000; ewc only)" in text
     assert (
         "(quick: 0.1 with sgd, 0.01 with sgd-momentum, 0.001 with adamw; paper: 0.25 with sgd)"
         in text
@@ -222,6 +233,10 @@ def test_run_writes_results_and_refuses_to_clobber_them(tmp_path, capsys):
         "device",
         "parameters",
         "data",
+        "importance_usage",
+        "diverged",
+        "threads",
+        "settings",
     ):
         assert key in result
     assert [len(row) for row in result["acc_matrix"]] == [1, 2, 3, 4, 5]
@@ -254,3 +269,66 @@ def test_default_out_is_a_new_folder(tmp_path, monkeypatch, capsys):
     (folder,) = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"digits-one-seed0-\d{8}-\d{6}", folder.name)
     assert f"wrote {folder.relative_to(tmp_path)}/" in capsys.readouterr().out
+
+
+def test_capacity_is_logged_stored_and_plotted_after_every_task(tmp_path, capsys, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert cli.main(["run", "--max-epochs", "2", "--tasks", "3", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    usage = result["importance_usage"]
+    assert len(usage) == 3
+    for u in usage:
+        assert {"mean", "above_0.5", "above_0.9", "head_scale"} <= u.keys() and u[
+            "of"
+        ] == "parameters"
+        assert u["head_scale"] == pytest.approx(1 - u["mean"])
+    assert usage[0]["mean"] < usage[1]["mean"] < usage[2]["mean"]  # max-accumulated
+    err = capsys.readouterr().err
+    last = usage[-1]
+    assert (
+        f"importance: mean {last['mean']:.3f}, {100 * last['above_0.9']:.1f}% above 0.9, head "
+        f"scale {last['head_scale']:.3f}"
+    ) in err
+    (panel,) = [a for a in figures[0].axes if a.get_title() == "capacity used (SPG's importance)"]
+    assert [line.get_label() for line in panel.lines] == [
+        "mean importance A",
+        "fraction of A above 0.9",
+        "head scale 1 - mean(A)",
+    ]
+    assert list(panel.lines[0].get_ydata()) == [u["mean"] for u in usage]
+
+
+def test_hat_reports_its_gates_and_ewc_no_capacity(tmp_path, capsys):
+    for method in ("hat", "ewc"):
+        out = tmp_path / method
+        argv = ["run", "--method", method, "--max-epochs", "1", "--tasks", "2", "--out", str(out)]
+        assert cli.main(argv) == 0
+        result = json.loads((out / "results.json").read_text())
+        if method == "hat":
+            assert [u["of"] for u in result["importance_usage"]] == ["units", "units"]
+            assert result["config"]["hat_smax"] == 400.0 and result["config"]["hat_c"] == 0.75
+            assert "gates: mean" in capsys.readouterr().err
+        else:
+            assert result["importance_usage"] == [None, None]
+            assert result["config"]["ewc_lambda"] == 5000.0 and "hat_c" not in result["config"]
+
+
+@pytest.mark.parametrize("mask", ["gradient", "update", "auto"])
+def test_mask_mode_reaches_spg_wrap_and_the_config(mask, tmp_path, monkeypatch):
+    from spg_fast.spg import SPG
+
+    seen = []
+    real = SPG.wrap
+
+    def wrap(self, optimizer, *, mask="auto"):
+        seen.append(mask)
+        return real(self, optimizer, mask=mask)
+
+    monkeypatch.setattr(SPG, "wrap", wrap)
+    argv = ["run", "--mask", mask, "--max-epochs", "1", "--tasks", "2", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert seen == [mask, mask]
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["mask"] == mask

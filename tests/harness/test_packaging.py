@@ -41,8 +41,22 @@ def _check(tmp_path: Path, cli: list[str], path: list[Path]) -> None:
     assert not (tmp_path / "out").exists()
 
 
+# Both commands in one process (one import of torch instead of two).
+BOTH = """
+import sys
+from spg_fast import cli
+try:
+    cli.main(["run", "--help"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+sys.exit(cli.main(["run", "--out", "out"]))
+"""
+
+
 def test_the_cli_without_the_harness_extra(tmp_path):
-    _check(tmp_path, [sys.executable, "-m", "spg_fast.cli"], [ROOT])
+    done = _without_extras(tmp_path, [sys.executable, "-c", BOTH], [ROOT])
+    assert done.returncode == 2 and "--method" in done.stdout, done.stderr
+    assert done.stderr == MESSAGE and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
