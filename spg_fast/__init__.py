@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from spg_fast import optim, reference
 from spg_fast._backend import BACKENDS
-from spg_fast._importance_pass import PassReport
+from spg_fast._importance_pass import PassProgress, PassReport
 from spg_fast.checkpoint import SPGState
 from spg_fast.mask_mode import MASK_MODES, MaskMode
 from spg_fast.optimizer import AttachHandle, SPGOptimizer
@@ -32,6 +32,7 @@ __all__ = [
     "SPG",
     "AttachHandle",
     "MaskMode",
+    "PassProgress",
     "PassReport",
     "SPGOptimizer",
     "SPGState",

@@ -15,7 +15,7 @@ from spg_fast import _sharded as sharded
 from spg_fast import storage
 from spg_fast._backend import resolve_backend
 from spg_fast._distributed import process_group, wrapper_forward_refused
-from spg_fast._importance_pass import ImportancePass, PassReport
+from spg_fast._importance_pass import ImportancePass, PassProgress, PassReport
 from spg_fast._model_state import preserved
 from spg_fast._params import HeadSpec, inner_module, partition
 from spg_fast._pass_settings import PassSetting, Replicated, Sharded
@@ -314,6 +314,7 @@ class SPG:
         shared_forward: bool | None = None,
         memory_budget: int | None = None,
         process_group: dist.ProcessGroup | None = None,
+        progress: Callable[[PassProgress], object] | None = None,
     ) -> PassReport:
         """Measure the importance of the task just learned and accumulate it (the spec's
         end-of-task pass).
@@ -348,6 +349,9 @@ class SPG:
                 process gets the importance of all the data. Default: the DDP wrapper's group when
                 ``model`` is DistributedDataParallel, else this process alone. An FSDP2 model
                 always uses its mesh's group.
+            progress: called with a ``PassProgress`` (head, heads done of all, batch of batches,
+                passes over the data) after every batch of every pass over the data, e.g. to drive
+                a progress bar; not called on an FSDP2 model.
 
         Returns:
             What the pass did (``PassReport``).
@@ -412,6 +416,7 @@ class SPG:
                 memory_budget=memory_budget,
                 label=label,
                 head_label=head_label,
+                progress=progress,
             )
             group = process_group if process_group is not None else _default_group(self.model)
             setting = Replicated(engine, group, params, names, label, head_label)

@@ -252,3 +252,17 @@ def test_non_finite_gradient_messages_say_where_it_came_from():
         FloatingPointError, match=r"2\.weight: first at batch 0 \(counting from 0\)"
     ):
         SPG(model).end_task(0, batches)
+
+
+def test_progress_is_reported_after_every_batch_of_every_head():
+    torch.manual_seed(0)
+    model = MultiHeadNet()
+    spg = SPG(model, heads=model.heads)
+    tasks = make_tasks()
+    spg.end_task(0, tasks[0])
+    seen = []
+    spg.end_task(1, tasks[1], shared_forward=False, progress=seen.append)
+    batches = len(tasks[1])
+    assert [(p.head, p.batch) for p in seen] == [(h, b + 1) for h in (0, 1) for b in range(batches)]
+    assert {p.heads for p in seen} == {2} and {p.batches for p in seen} == {batches}
+    assert seen[-1].passes == 2 and seen[-1].heads_done in (1, 2)
