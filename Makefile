@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; override (e.g. TORCH=torch) to let pip choose a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-slow lint gpu clean
+.PHONY: install run test test-slow docs lint gpu clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# The documentation site into site/: mkdocs --strict fails on a broken link, a missing page or an API object it
+# cannot find; then every public name must have its entry in the API reference.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	$(PY) docs/tools/check_api.py site
+
 # On a machine with a CUDA GPU and its own CUDA build of torch and triton (not the CPU-only .venv): the whole test
 # suite compiled, the GPU-only tests, the harness on the GPU and every benchmark, into bench/results/<gpu>-<date>/.
 gpu:
@@ -37,4 +43,4 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache site
