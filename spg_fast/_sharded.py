@@ -142,7 +142,8 @@ def head_sums(
 ) -> Iterator[HeadSums]:
     """Per head, this rank's shards of the gradient sums over every rank's batches (None where no
     rank's batch gave the parameter a gradient); see the module docstring. ``.grad`` of every
-    parameter of ``model`` is put back as it was when the generator finishes or is closed."""
+    parameter of ``model`` is put back as it was, and every FSDP2 module resharded, when the
+    generator finishes or is closed."""
     everything = list(model.parameters())
     saved = [p.grad for p in everything]
     group = process_group(params)
@@ -167,8 +168,21 @@ def head_sums(
                 head, [None if p.grad is None else local(p.grad) for p in params], batches
             )
     finally:
+        # A pass stopped between a forward and its backward (a non-finite loss, a failing loss
+        # function) leaves the root's parameters gathered: FSDP2 reshards them only after backward,
+        # and until then the module holds the unsharded tensors instead of its DTensor parameters.
+        _reshard(model)
         for p, g in zip(everything, saved, strict=True):
             p.grad = g
+
+
+def _reshard(model: nn.Module) -> None:
+    """Every FSDP2 module of ``model`` back to its sharded parameters (a no-op where it is)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @torch.enable_grad()

@@ -18,6 +18,8 @@ from tests.distributed.workers import N_TASKS, SPLITS, launch
 # the timeout.
 TIMEOUT_S = 90
 
+pytestmark = pytest.mark.slow  # two spawned processes
+
 DDP_CASES = [f"ddp/{find_unused}/{split}" for find_unused in (False, True) for split in SPLITS]
 
 
