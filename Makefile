@@ -30,7 +30,7 @@ test-slow: install
 # The documentation site into site/: mkdocs --strict fails on a broken link, a missing page or an API object it
 # cannot find; then every public name must have its entry in the API reference.
 docs: install
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 	$(PY) docs/tools/check_api.py site
 
 # On a machine with a CUDA GPU and its own CUDA build of torch and triton (not the CPU-only .venv): the whole test
