@@ -215,15 +215,31 @@ def run(
     }
     backbone = backbone or default_backbone(seq)
     make_model = model_factory(backbone, seq, cfg)
-    learner_method = methods.make(method, opts, backend)
     with torch.random.fork_rng(devices=[]):
-        probe = learner_method.network(make_model())
+        probe = methods.make(method, opts, backend).network(make_model())
     count, why = choose_threads(parameter_count(probe), threads)
     plan = _Plan(
-        seq, method, backbone, seed, dev, out, protocol, cfg, from_preset, opts, backend,
-        progress, mode, remove, ranks, probe, make_model, settings,
-        {"count": count, "why": why}, tensorboard,
-    )  # fmt: skip
+        seq=seq,
+        method=method,
+        backbone=backbone,
+        seed=seed,
+        dev=dev,
+        out=out,
+        protocol=protocol,
+        cfg=cfg,
+        from_preset=from_preset,
+        opts=opts,
+        backend=backend,
+        progress=progress,
+        mode=mode,
+        remove=remove,
+        ranks=ranks,
+        probe=probe,
+        make_model=make_model,
+        settings=settings,
+        threads={"count": count, "why": why},
+        tensorboard=tensorboard,
+    )
     threads_before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -261,8 +277,13 @@ class _Plan:
 def _execute(plan: _Plan) -> dict[str, Any]:
     """Train, checkpoint and report the run ``plan`` describes (the body of ``run``)."""
     seq, method, seed, dev, out, cfg = (
-        plan.seq, plan.method, plan.seed, plan.dev, plan.out, plan.cfg
-    )  # fmt: skip
+        plan.seq,
+        plan.method,
+        plan.seed,
+        plan.dev,
+        plan.out,
+        plan.cfg,
+    )
     ranks, opts, probe, threads = plan.ranks, plan.opts, plan.probe, plan.threads
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

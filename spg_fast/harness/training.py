@@ -19,9 +19,11 @@ from spg_fast.harness import methods
 from spg_fast.harness.config import ConfigError, TrainConfig
 from spg_fast.harness.health import check_epoch
 from spg_fast.harness.methods import Batch, Method, MethodOptions, TaskData
+from spg_fast.harness.methods.spg import Spg
 from spg_fast.harness.models import MultiHeadNet, build_model
 from spg_fast.harness.parallel import Ranks
 from spg_fast.harness.sequences import Split, TaskSequence
+from spg_fast.spg import SPG
 
 # The authors' input standardisation (per channel): ImageNet's statistics for colour images, MNIST's
 # for grey ones.
@@ -282,9 +284,9 @@ class Learner:
             self.method.bind(self._new_model())
 
     @property
-    def spg(self) -> Any:
+    def spg(self) -> SPG | None:
         """The SPG object of the ``spg`` method, else None."""
-        return getattr(self.method, "spg", None)
+        return self.method.spg if isinstance(self.method, Spg) else None
 
     def _new_model(self) -> nn.Module:
         model = self.method.network(self.make_model()).to(self.device)

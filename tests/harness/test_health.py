@@ -80,7 +80,7 @@ def test_a_comparison_counts_diverged_runs(tmp_path):
         (0, 1),
         out=tmp_path,
         config={"lr": 1000.0},
-        tasks=2,
+        tasks=1,
         progress="none",
     )
     (row,) = out["summary"]
