@@ -466,7 +466,7 @@ def test_benchmark_writes_its_tables(tmp_path):
         main(
             [
                 "--models",
-                "mlp",
+                "mlp-flat",
                 "--ks",
                 "0,1",
                 "--batches",
@@ -474,6 +474,8 @@ def test_benchmark_writes_its_tables(tmp_path):
                 "--rounds",
                 "1",
                 "--stats-repeats",
+                "1",
+                "--backward-rounds",
                 "1",
                 "--threads",
                 "1",
@@ -491,5 +493,8 @@ def test_benchmark_writes_its_tables(tmp_path):
     }
     auto = next(r for r in rows if r["k"] == "1" and r["config"] == "spg-fast auto")
     assert auto["shared_forward"] == "True" and auto["group_size"] == "2"
-    assert len(json.loads((tmp_path / "results.json").read_text())["statistics"]) == 3
-    assert "## Importance step of one head" in (tmp_path / "results.md").read_text()
+    assert auto["strategy"] == "head capture" and auto["threads"] == "1"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["statistics"]) == 3 and len(results["backward"]) == 3
+    text = (tmp_path / "results.md").read_text()
+    assert "## Importance step of one head" in text and "## Backward through the shared" in text
