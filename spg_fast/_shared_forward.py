@@ -6,10 +6,13 @@
   while hooks on the head modules (the modules whose parameters are all head parameters) record
   what each forward hands its head. When each forward calls exactly one head module, once, with one
   tensor, returns that module's output untouched, and every head's input has the same values and
-  the same autograd graph (same operations, same parameters) as the first head's, then from the
-  second batch on only the first head's forward runs, and every other head module is called on the
-  input captured from it. This does not depend on how the trunk is written (submodules, functional
-  calls, one flat ``forward``).
+  the same autograd graph as the first head's (``same_graph``: the same operations on the same
+  parameters with the same saved values), then from the second batch on only the first head's
+  forward runs (its head-module call checked as on the first batch; a batch that fails the check
+  runs every head's forward), and every other head module is called on the input captured from
+  it. This does not depend on how the trunk is written (submodules, functional calls, one flat
+  ``forward``). The first batch holds the first head's graph until every head's forward has been
+  compared with it.
 - **trunk memo** (``TrunkMemo``): each maximal submodule that holds no head parameter returns, for
   a call with the same arguments as an earlier call in the same batch (the same tensor objects,
   unmodified; equal plain values), that call's output. It shares only what such submodules compute
@@ -19,7 +22,9 @@
 
 ``SharedForward`` combines them for one pass over the data. Both are exact for a forward that draws
 no random numbers: each head's output is the one its own forward would give, in the same autograd
-graph. With randomness (dropout, when forced), all heads of a batch see the same random draws.
+graph. With randomness (dropout, when sharing is forced) the head capture gives all heads of a batch
+the same random draws (on the first batch every head's forward starts from the same generator
+state); the trunk memo shares the draws of the memoised submodules only.
 """
 
 from __future__ import annotations
