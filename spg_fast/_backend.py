@@ -11,8 +11,9 @@ results (see the kernels' parity tests).
 kernels on the triton backend; on the torch backend, the native CPU kernels of
 ``spg_fast.kernels.cpu`` for contiguous float32/float64 CPU tensors (built with the system C
 compiler on first use; ``SPG_FAST_NATIVE=0`` turns them off, ``=1`` makes a failed build an error),
-and otherwise none: "mask ``.grad``, then torch's fused step". All three compute the same update up
-to float rounding.
+and otherwise none: the mask (of ``.grad``, or of the change) around torch's fused step. All three
+compute the same update up to float rounding. The torch backend's soft mask and update mask also
+run natively on such CPU tensors (one pass), and as the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ NATIVE_SETTINGS = ("auto", "0", "1")
 
 
 class StepKernels(NamedTuple):
-    """Fused masked optimizer steps with the signatures of
-    ``spg_fast.kernels.triton.sgd_step.sgd_step_`` and ``adam_step.adam_step_``; they read the
-    stored keep factors (``spg_fast.storage``)."""
+    """Fused masked optimizer steps, prepared for fixed tensors: ``sgd(params, keeps,
+    momentum_buffers)`` and ``adam(params, keeps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)``
+    return a step called with each step's gradients (``spg_fast.kernels.triton.sgd_step.SGDStep``
+    and ``adam_step.AdamStep``, or their native CPU twins); they read the stored keep factors
+    (``spg_fast.storage``)."""
 
-    sgd_step_: Callable[..., None]
-    adam_step_: Callable[..., None]
+    sgd: Callable[..., Callable[..., None]]
+    adam: Callable[..., Callable[..., None]]
 
 
 @dataclass(frozen=True)
@@ -75,11 +78,11 @@ def triton_available() -> bool:
 @functools.cache
 def _triton_ops() -> Ops:
     from spg_fast.kernels.triton.accumulate import accumulate_
-    from spg_fast.kernels.triton.adam_step import adam_step_
-    from spg_fast.kernels.triton.sgd_step import sgd_step_
+    from spg_fast.kernels.triton.adam_step import AdamStep
+    from spg_fast.kernels.triton.sgd_step import SGDStep
     from spg_fast.kernels.triton.soft_mask import scale_updates_, soft_mask_
 
-    steps = StepKernels(sgd_step_, adam_step_)
+    steps = StepKernels(SGDStep, AdamStep)
     return Ops(
         name="triton",
         accumulate_=accumulate_,
@@ -110,26 +113,61 @@ def _native_build_problem() -> str | None:
     return None
 
 
-def _native_steps(tensors: Sequence[Tensor], keeps: Sequence[Tensor]) -> StepKernels | None:
-    """The native CPU steps when they can serve ``tensors`` and the stored keep factors ``keeps``
-    and ``SPG_FAST_NATIVE`` allows them, else None."""
+def _native_allowed() -> bool:
+    """Whether ``SPG_FAST_NATIVE`` lets the native CPU kernels run and they are built."""
     setting = os.environ.get("SPG_FAST_NATIVE", "auto")
     if setting not in NATIVE_SETTINGS:
         raise ValueError(f"SPG_FAST_NATIVE={setting!r} is not one of {', '.join(NATIVE_SETTINGS)}")
+    return setting != "0" and _native_build_problem() is None
+
+
+def _native_steps(tensors: Sequence[Tensor], keeps: Sequence[Tensor]) -> StepKernels | None:
+    """The native CPU steps when they can serve ``tensors`` and the stored keep factors ``keeps``
+    and ``SPG_FAST_NATIVE`` allows them, else None."""
     from spg_fast.kernels.cpu import adam_step, launch, sgd_step
 
-    if setting == "0" or launch.problem(tensors, keeps) is not None:
+    if launch.problem(tensors, keeps) is not None or not _native_allowed():
         return None
-    if _native_build_problem() is not None:
-        return None
-    return StepKernels(sgd_step.sgd_step_, adam_step.adam_step_)
+    return StepKernels(sgd_step.SGDStep, adam_step.AdamStep)
+
+
+def _soft_mask_(
+    grads: Sequence[Tensor], keeps: Sequence[Tensor], head_grads: Sequence[Tensor], scale: Tensor
+) -> None:
+    """The torch backend's soft mask: the native CPU kernel where it can serve the tensors (one
+    pass, no temporary), else the reference."""
+    from spg_fast.kernels.cpu import launch, soft_mask
+
+    if launch.problem([*grads, *head_grads], keeps) is None and _native_allowed():
+        soft_mask.soft_mask_(grads, keeps, head_grads, scale)
+    else:
+        reference.soft_mask_(grads, keeps, head_grads, scale)
+
+
+def _scale_updates_(
+    params: Sequence[Tensor],
+    before: Sequence[Tensor],
+    keeps: Sequence[Tensor],
+    head_params: Sequence[Tensor],
+    head_before: Sequence[Tensor],
+    scale: Tensor,
+) -> None:
+    """The torch backend's update mask: the native CPU kernel where it can serve the tensors (one
+    pass, no temporary), else the reference."""
+    from spg_fast.kernels.cpu import launch, soft_mask
+
+    tensors = [*params, *before, *head_params, *head_before]
+    if launch.problem(tensors, keeps) is None and _native_allowed():
+        soft_mask.scale_updates_(params, before, keeps, head_params, head_before, scale)
+    else:
+        reference.scale_updates_(params, before, keeps, head_params, head_before, scale)
 
 
 TORCH_OPS = Ops(
     name="torch",
     accumulate_=reference.accumulate_,
-    soft_mask_=reference.soft_mask_,
-    scale_updates_=reference.scale_updates_,
+    soft_mask_=_soft_mask_,
+    scale_updates_=_scale_updates_,
     step_kernels=_native_steps,
 )
 

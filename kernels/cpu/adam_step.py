@@ -1,14 +1,81 @@
-"""Native CPU masked Adam / AdamW: ``spg_adam_step_*`` of ``fused_steps.c``, with the signature of
-the Triton ``adam_step_``."""
+"""Native CPU masked Adam / AdamW: ``spg_adam_step_*`` of ``fused_steps.c``, prepared for fixed
+tensors (``AdamStep``) or called once (``adam_step_``, with the signature of the Triton
+``adam_step_``)."""
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from spg_fast.kernels.cpu.launch import launch
+from spg_fast.kernels.cpu.launch import Table, scalars
+
+
+class AdamStep:
+    """Masked Adam (AdamW with ``decoupled``) over fixed contiguous CPU ``params``, arranged as in
+    ``SGDStep``, with their state (``max_exp_avg_sqs`` empty without amsgrad) and float32 step
+    counts, which the C code reads and advances (not when GradScaler found an inf)."""
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        keeps: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        max_exp_avg_sqs: Sequence[Tensor],
+        steps: Sequence[Tensor],
+    ) -> None:
+        if len(steps) != len(params) or len(exp_avgs) != len(params):
+            raise ValueError(
+                f"adam step: {len(params)} parameters take {len(params)} step counts and first "
+                f"moments, got {len(steps)} and {len(exp_avgs)}"
+            )
+        buffers = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+        self._table = Table("adam step", params, keeps, buffers, steps)
+        self._amsgrad = bool(max_exp_avg_sqs)
+        self._n = len(params)
+
+    def __call__(
+        self,
+        grads: Sequence[Tensor],
+        scale: Tensor | None,
+        update: bool,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        lr: float | Tensor,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> None:
+        """One step (``update``: mask the update rather than the gradient; ``scale`` None: no
+        mask yet)."""
+        if amsgrad != self._amsgrad:
+            raise ValueError("adam step: max_exp_avg_sqs are given exactly when amsgrad is on")
+        if not self._n or (found_inf is not None and found_inf.item() != 0):
+            return
+        self._table.point(grads)
+        head, unscale = scalars(scale, grad_scale, maximize)
+        lr = float(lr)
+        decoupled_wd = lr * weight_decay if decoupled else 0.0
+        real, double = self._table.real, ctypes.c_double
+        self._table.call(
+            "adam_step",
+            real(head),
+            real(unscale),
+            ctypes.c_int(update and scale is not None),
+            real(1.0 - decoupled_wd),
+            real(decoupled_wd),
+            real(0.0 if decoupled else float(weight_decay)),
+            double(lr),
+            double(beta1),
+            double(beta2),
+            double(eps),
+        )
 
 
 def adam_step_(
@@ -32,41 +99,20 @@ def adam_step_(
     amsgrad: bool,
     maximize: bool,
 ) -> None:
-    """Masked Adam (``decoupled``: AdamW) over contiguous CPU ``params``, arranged as in
-    ``sgd_step_``; ``steps`` are the counts before this step, advanced here (unless GradScaler found
-    an inf), ``max_exp_avg_sqs`` empty without amsgrad."""
-    if len(steps) != len(params):
-        raise ValueError(
-            f"adam step: {len(params)} parameters take {len(params)} step counts, got {len(steps)}"
-        )
-    lr = float(lr)
-    decoupled_wd = lr * weight_decay if decoupled else 0.0
-    coupled = 0.0 if decoupled else float(weight_decay)
-    state = {
-        "exp_avgs": (exp_avgs, True),
-        "exp_avg_sqs": (exp_avg_sqs, True),
-        "max_exp_avg_sqs": (max_exp_avg_sqs, amsgrad),
-    }
-    double = ctypes.c_double
-    launch(
-        "adam",
-        params,
+    """One masked Adam step over contiguous CPU ``params``; ``steps`` are the counts before it,
+    advanced here (see ``AdamStep``)."""
+    AdamStep(params, keeps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)(
         grads,
-        keeps,
-        state,
-        [float(s) + 1 for s in steps],
         scale,
         update,
         grad_scale,
         found_inf,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+        amsgrad,
         maximize,
-        1.0 - decoupled_wd,
-        decoupled_wd,
-        coupled,
-        double(lr),
-        double(beta1),
-        double(beta2),
-        double(eps),
     )
-    if found_inf is None or found_inf.item() == 0:
-        torch._foreach_add_(steps, 1)

@@ -1,5 +1,6 @@
-/* Masked SGD and Adam(W) steps for CPU tensors in one pass over each parameter (launched by
- * spg_fast.kernels.cpu.launch).
+/* SPG's native CPU kernels (launched by spg_fast.kernels.cpu.launch): masked SGD and Adam(W) steps
+ * in one pass over each parameter, and the soft mask itself (of gradients, or of the change a step
+ * made) for torch's own optimizers.
  *
  * A step covers a list of contiguous tensors of one dtype. Per tensor the gradient is multiplied by
  * `unscale` (GradScaler's inverse scale, negated to maximize, which negates exactly). Its SPG keep
@@ -30,8 +31,9 @@
 
 typedef struct {
   void **param, **grad, **factor, **buf1, **buf2, **buf3;
+  float **step;         /* per tensor: Adam's float32 step count, read and advanced here */
   const int64_t *numel;
-  const double *aux; /* per tensor: SGD's first-step flag, Adam's step count */
+  const double *aux;    /* per tensor: SGD's first-step flag */
   int64_t ntensors;
 } tensors_t;
 
@@ -150,9 +152,10 @@ static inline float from_bits(uint32_t bits) {
   static void adam_piece_##SUFFIX(const tensors_t *t, int64_t k, int64_t s, int64_t n, T head,    \
                                   T unscale, int update, T decay, T lr_wd, T wd, T one_minus_b1,  \
                                   T b2, T one_minus_b2, T eps, double lr, double b1, double b2_) { \
-    /* Bias corrections from this tensor's step count, in double as torch forms them. */          \
-    const T step_size = (T)(lr / (1 - pow(b1, t->aux[k])));                                       \
-    const T bias2_sqrt = (T)sqrt(1 - pow(b2_, t->aux[k]));                                        \
+    /* Bias corrections from this step's count, in double as torch forms them. */                 \
+    const double count = (double)*t->step[k] + 1;                                                \
+    const T step_size = (T)(lr / (1 - pow(b1, count)));                                           \
+    const T bias2_sqrt = (T)sqrt(1 - pow(b2_, count));                                            \
     SPECIALISED(adam_loop_##SUFFIX, update, t->factor[k] != 0, at(t->param[k], s, sizeof(T)),     \
                 at(t->grad[k], s, sizeof(T)), at(t->factor[k], s, sizeof(K)),                     \
                 at(t->buf1[k], s, sizeof(T)), at(t->buf2[k], s, sizeof(T)),                       \
@@ -164,6 +167,28 @@ static inline float from_bits(uint32_t bits) {
                               double lr, double b1, double b2, double eps, int nthreads) {        \
     PARALLEL_PIECES(&t, nthreads, adam_piece_##SUFFIX, head, unscale, update, decay, lr_wd, wd,   \
                     (T)(1 - b1), (T)b2, (T)(1 - b2), (T)eps, lr, b1, b2);                         \
+    for (int64_t k = 0; k < t.ntensors; k++) *t.step[k] += 1; /* after every thread read it */   \
+  }                                                                                               \
+                                                                                                  \
+  static inline __attribute__((always_inline)) void mask_loop_##SUFFIX(                          \
+      T *restrict x, const T *restrict b, const K *restrict f, int64_t n, T head,                 \
+      const int update, const int shared) {                                                       \
+    for (int64_t i = 0; i < n; i++) {                                                             \
+      const T keep = shared ? (T)KEEP(f, i) : head;                                               \
+      x[i] = update ? b[i] + keep * (x[i] - b[i]) : x[i] * keep;                                  \
+    }                                                                                             \
+  }                                                                                               \
+                                                                                                  \
+  static void mask_piece_##SUFFIX(const tensors_t *t, int64_t k, int64_t s, int64_t n, T head,    \
+                                  int update) {                                                   \
+    SPECIALISED(mask_loop_##SUFFIX, update, t->factor[k] != 0, at(t->param[k], s, sizeof(T)),     \
+                at(t->grad[k], s, sizeof(T)), at(t->factor[k], s, sizeof(K)), n, head);           \
+  }                                                                                               \
+                                                                                                  \
+  /* x *= keep (update 0: x are gradients), or x = before + keep * (x - before) (update 1: x are   \
+   * parameters a step changed, `grad` holds their values before it). */                          \
+  void spg_soft_mask_##SUFFIX(tensors_t t, T head, int update, int nthreads) {                    \
+    PARALLEL_PIECES(&t, nthreads, mask_piece_##SUFFIX, head, update);                             \
   }
 
 DEFINE_STEPS(float, f32_f32, sqrtf, fmaf, float, KEEP_FLOAT)

@@ -1,8 +1,12 @@
-"""How the native CPU steps are launched: the tensor table of ``fused_steps.c``, the checks that
-keep the C code memory-safe, and the call. The ops themselves are ``sgd_step`` and ``adam_step``.
+"""How the native CPU kernels are launched: the tensor table of ``fused_steps.c``, built once for
+fixed tensors, the checks that keep the C code memory-safe, and the call. The ops themselves are
+``sgd_step``, ``adam_step`` and ``soft_mask``.
 
-``keeps`` are the shared parameters' stored keep factors (``spg_fast.storage``: float32, float64,
-bfloat16 or uint8), decoded by the C code. ``.grad`` is read, never written.
+A ``Table`` is built for a launch's fixed tensors (parameters, stored keep factors, optimizer state,
+step counts) and checked once; the one list that changes from call to call (the gradients, which
+``zero_grad(set_to_none=True)`` replaces every step, or the values before a step) is re-pointed per
+call, re-checked only when its pointers changed. ``keeps`` are the shared parameters' stored keep
+factors (``spg_fast.storage``: float32, float64, bfloat16 or uint8), decoded by the C code.
 """
 
 from __future__ import annotations
@@ -17,17 +21,16 @@ from spg_fast.kernels.cpu.build import load
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 KEEP_DTYPES = {**DTYPES, torch.bfloat16: "bf16", torch.uint8: "u8"}
+_LISTS = ("param", "grad", "factor", "buf1", "buf2", "buf3")
 
 
 class _Tensors(ctypes.Structure):
-    """``tensors_t`` of fused_steps.c: per tensor, its pointers (NULL where unused), size and one
-    auxiliary value."""
+    """``tensors_t`` of fused_steps.c: per tensor, its pointers (NULL where unused), size, Adam's
+    step count and one auxiliary value."""
 
     _fields_ = [
-        *(
-            (name, ctypes.POINTER(ctypes.c_void_p))
-            for name in ("param", "grad", "factor", "buf1", "buf2", "buf3")
-        ),
+        *((name, ctypes.POINTER(ctypes.c_void_p)) for name in _LISTS),
+        ("step", ctypes.POINTER(ctypes.c_void_p)),
         ("numel", ctypes.POINTER(ctypes.c_int64)),
         ("aux", ctypes.POINTER(ctypes.c_double)),
         ("ntensors", ctypes.c_int64),
@@ -35,8 +38,8 @@ class _Tensors(ctypes.Structure):
 
 
 def problem(tensors: Sequence[Tensor], keeps: Sequence[Tensor] = ()) -> str | None:
-    """Why these tensors (a step's parameters, gradients and state, and the stored keep factors)
-    cannot go to the native steps."""
+    """Why these tensors (a launch's parameters, gradients and state, and the stored keep factors)
+    cannot go to the native kernels, or None."""
     dtype = tensors[0].dtype if tensors else None
     bad_keep = next((k for k in keeps if k.dtype not in KEEP_DTYPES), None)
     if bad_keep is not None:
@@ -67,76 +70,108 @@ def problem(tensors: Sequence[Tensor], keeps: Sequence[Tensor] = ()) -> str | No
 
 
 def _pointers(tensors: Sequence[Tensor], length: int) -> ctypes.Array:
-    """The tensors' data pointers, padded with NULL to ``length`` (heads have no factor; unused
-    state lists)."""
+    """The tensors' data pointers, padded with NULL to ``length`` (heads have no keep factor;
+    unused state lists)."""
     return (ctypes.c_void_p * length)(*[t.data_ptr() for t in tensors])
 
 
-def launch(
-    kind: str,
-    params: list[Tensor],
-    grads: list[Tensor],
-    keeps: list[Tensor],
-    state: dict[str, tuple[list[Tensor], bool]],
-    aux: list[float],
-    scale: Tensor | None,
-    update: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    maximize: bool,
-    *hyper: float | ctypes.c_int,
-) -> None:
-    """Check the tensors, then run ``spg_<kind>_step_<dtype>_<keep dtype>`` over them. ``state``
-    maps each state list (at most three, in the C order) to its tensors and whether this
-    configuration uses it (then one per parameter, else none); ``update``: mask the update rather
-    than the gradient (once there is a mask: ``scale`` not None); ``hyper`` follows the C
-    signature after the update flag."""
-    n = len(params)
-    buffers = [tensors for tensors, _ in state.values()]
-    expected = [n if used else 0 for _, used in state.values()]
-    if len(grads) != n or len(keeps) > n or [len(b) for b in buffers] != expected:
-        given = ", ".join(f"{len(b)} {name}" for name, b in zip(state, buffers, strict=True))
-        wanted = ", ".join(f"{e} {name}" for name, e in zip(state, expected, strict=True))
-        raise ValueError(
-            f"{kind} step: {n} parameters take {n} gradients, at most {n} keep factors and "
-            f"{wanted}; got {len(grads)} gradients, {len(keeps)} keep factors and {given}"
-        )
-    if not params or (found_inf is not None and found_inf.item() != 0):
-        return
-    sizes = [p.numel() for p in params]
-    for tensors in (grads, keeps, *buffers):
-        if [t.numel() for t in tensors] != sizes[: len(tensors)]:
-            t, p = next(
-                (t, p) for t, p in zip(tensors, params, strict=False) if t.numel() != p.numel()
-            )
+class Table:
+    """The C table of one launch over fixed tensors: ``params``, their stored ``keeps`` (the first
+    ``len(keeps)`` parameters are shared, the rest heads), up to three ``buffers`` lists (optimizer
+    state, one tensor per parameter each, or empty) and Adam's float32 ``steps`` (or empty). The
+    ``grad`` list is set per call by ``point``. Raises ``ValueError`` naming what the C code
+    cannot take."""
+
+    def __init__(
+        self,
+        what: str,
+        params: Sequence[Tensor],
+        keeps: Sequence[Tensor],
+        buffers: Sequence[Sequence[Tensor]] = (),
+        steps: Sequence[Tensor] = (),
+    ) -> None:
+        n = len(params)
+        self._what = what
+        self._sizes = [p.numel() for p in params]
+        if len(keeps) > n or any(len(b) not in (0, n) for b in buffers) or len(steps) not in (0, n):
+            given = ", ".join(str(len(b)) for b in buffers)
             raise ValueError(
-                f"{kind} step: a tensor of shape {tuple(t.shape)} goes with a parameter of shape "
-                f"{tuple(p.shape)}"
+                f"{what}: {n} parameters take at most {n} keep factors and {n} or no tensors per "
+                f"state list and step counts; got {len(keeps)} keep factors, state lists of "
+                f"{given or 'none'} and {len(steps)} step counts"
             )
-    reason = problem([*params, *grads, *(t for b in buffers for t in b)], keeps)
-    if reason:
-        raise ValueError(f"{kind} step: {reason}")
-    slots = [*buffers, [], []][:3]
-    table = _Tensors(
-        _pointers(params, n),
-        _pointers(grads, n),
-        _pointers(keeps, n),
-        *(_pointers(b, n) for b in slots),
-        (ctypes.c_int64 * n)(*sizes),
-        (ctypes.c_double * n)(*aux),
-        n,
-    )
-    real = ctypes.c_float if params[0].dtype == torch.float32 else ctypes.c_double
+        for tensors in (keeps, *buffers):
+            self._check_sizes(tensors, params)
+        reason = problem([*params, *(t for b in buffers for t in b)], keeps)
+        if reason is None and any(s.dtype != torch.float32 or not s.is_cpu for s in steps):
+            reason = "Adam's step counts must be float32 CPU tensors"
+        if reason:
+            raise ValueError(f"{what}: {reason}")
+        self.dtype = params[0].dtype if params else torch.float32
+        self.keep_dtype = keeps[0].dtype if keeps else self.dtype
+        self._params = list(params)
+        self._held = [list(keeps), *(list(b) for b in buffers), list(steps)]  # kept alive
+        slots = [*buffers, [], [], []][:3]
+        self._grads = _pointers([], n)
+        self._grad_pointers: list[int] = []
+        self._aux = (ctypes.c_double * n)()
+        self.table = _Tensors(
+            _pointers(params, n),
+            self._grads,
+            _pointers(keeps, n),
+            *(_pointers(b, n) for b in slots),
+            _pointers(steps, n),
+            (ctypes.c_int64 * n)(*self._sizes),
+            self._aux,
+            n,
+        )
+
+    def _check_sizes(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        for t, p in zip(tensors, params, strict=False):
+            if t.numel() != p.numel():
+                raise ValueError(
+                    f"{self._what}: a tensor of shape {tuple(t.shape)} goes with a parameter of "
+                    f"shape {tuple(p.shape)}"
+                )
+
+    def point(self, grads: Sequence[Tensor]) -> None:
+        """Set the per-call list (the gradients, or the values before a step), checked when any of
+        its pointers changed since the last call."""
+        pointers = [g.data_ptr() for g in grads]
+        if pointers == self._grad_pointers:
+            return
+        if len(grads) != len(self._params):
+            raise ValueError(
+                f"{self._what}: {len(self._params)} parameters take {len(self._params)} "
+                f"gradients, got {len(grads)}"
+            )
+        self._check_sizes(grads, self._params)
+        reason = problem([*self._params[:1], *grads])
+        if reason:
+            raise ValueError(f"{self._what}: {reason}")
+        self._grads[:] = pointers
+        self._grad_pointers = pointers
+
+    def set_aux(self, values: Sequence[float]) -> None:
+        """The per-tensor auxiliary values (SGD's first-step flags)."""
+        self._aux[:] = [float(v) for v in values]
+
+    def real(self, value: float) -> ctypes.c_float | ctypes.c_double:
+        """``value`` as the parameters' C floating type (the ``T`` of the C signatures)."""
+        return (ctypes.c_float if self.dtype == torch.float32 else ctypes.c_double)(value)
+
+    def call(self, kind: str, *args: ctypes._SimpleCData) -> None:
+        """``spg_<kind>_<dtype>_<keep dtype>(table, args..., threads)``."""
+        suffix = f"{DTYPES[self.dtype]}_{KEEP_DTYPES[self.keep_dtype]}"
+        function = getattr(load(), f"spg_{kind}_{suffix}")
+        function(self.table, *args, ctypes.c_int(torch.get_num_threads()))
+
+
+def scalars(scale: Tensor | None, grad_scale: Tensor | None, maximize: bool) -> tuple[float, float]:
+    """The head scale (1 without a mask) and the factor the gradient is multiplied by: GradScaler
+    unscales by multiplying with the float32 reciprocal of its scale, and so does the C code (exact
+    for its power-of-two scales); maximizing negates it, which negates the product exactly. One
+    host read each, free on the CPU."""
     head = 1.0 if scale is None else float(scale)
-    # GradScaler unscales by multiplying with the float32 reciprocal of its scale; so do we (exact
-    # for its power-of-two scales). Maximizing negates it, which negates the product exactly.
     inverse = 1.0 if grad_scale is None else float(grad_scale.double().reciprocal().float())
-    unscale = -inverse if maximize else inverse
-    values = [real(h) if isinstance(h, float) else h for h in hyper]
-    keep_dtype = keeps[0].dtype if keeps else params[0].dtype
-    function = getattr(
-        load(), f"spg_{kind}_step_{DTYPES[params[0].dtype]}_{KEEP_DTYPES[keep_dtype]}"
-    )
-    masks_update = ctypes.c_int(update and scale is not None)
-    threads = ctypes.c_int(torch.get_num_threads())
-    function(table, real(head), real(unscale), masks_update, *values, threads)
+    return head, -inverse if maximize else inverse

@@ -185,7 +185,7 @@ def _launch_group(accs: list[Tensor], grads: list[Tensor]) -> Tensor:
         ALIGNED=plan.aligned,
         num_warps=NUM_WARPS,
     )
-    first, counts = first_tiles(tuple(h.numel() for h in hs), device)
+    first, counts = first_tiles(hs, device)
     stats = torch.empty(len(hs), _STATS, dtype=torch.float64, device=device)
     _combine[(len(hs),)](
         partials,

@@ -9,7 +9,9 @@ a second, tiny launch over the same pointer table (in place of torch's ``_foreac
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -24,7 +26,7 @@ from spg_fast.kernels.triton.masked_step import (
     split_lr,
     step_grad,
 )
-from spg_fast.kernels.triton.multi_tensor import BLOCK, plan_for, write_back
+from spg_fast.kernels.triton.multi_tensor import BLOCK, LaunchPlan, plan_for, write_back
 from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr
 
@@ -253,6 +255,153 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
+class AdamStep:
+    """Masked Adam prepared for fixed ``params`` of one dtype (shared first, with their stored keep
+    factors ``keeps``, then heads), their state (``max_exp_avg_sqs`` empty without amsgrad) and
+    float32 device step counts: the launch plan is built once and each call only points it at that
+    call's gradients. Called as ``adam_step_``, less the fixed tensors."""
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        keeps: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        max_exp_avg_sqs: Sequence[Tensor],
+        steps: Sequence[Tensor],
+    ) -> None:
+        self._lists = [
+            list(t) for t in (params, params, keeps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        ]
+        self._steps = list(steps)
+        self._device = params[0].device if params else None
+        fits = bool(params) and LaunchPlan.fits(self._lists)
+        self._plan = LaunchPlan(self._lists, self._device, self._steps) if fits else None
+
+    def __call__(
+        self,
+        grads: Sequence[Tensor],
+        scale: Tensor | None,
+        update: bool,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        lr: float | Tensor,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> None:
+        params = self._lists[0]
+        if not params:
+            return
+        if torch.compiler.is_compiling():  # the custom op, which compilation traces
+            adam_step_(
+                params,
+                list(grads),
+                *self._lists[2:],
+                self._steps,
+                scale,
+                update,
+                grad_scale,
+                found_inf,
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled,
+                amsgrad,
+                maximize,
+            )
+            return
+        if self._plan is not None and self._plan.refresh(1, grads):
+            plan, work = self._plan, self._lists
+        else:
+            lists = [params, grads, *self._lists[2:]]
+            plan, work = plan_for(lists, self._device, self._steps)
+        lr_value, lr_tensor = split_lr(lr, self._device)
+        with device_guard(self._device):
+            _launch(
+                plan,
+                work,
+                len(self._steps),
+                scale,
+                update,
+                grad_scale,
+                found_inf,
+                lr_value,
+                lr_tensor,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled,
+                amsgrad,
+                maximize,
+            )
+        state = self._lists[3:]
+        for originals, w in zip((params, *state), (work[0], *work[3:]), strict=True):
+            write_back(originals, w)
+        torch.autograd.graph.increment_version([*params, *(t for s in state for t in s)])
+
+
+def _launch(
+    plan: LaunchPlan,
+    work: Sequence[Sequence[Tensor]],
+    n_steps: int,
+    scale: Tensor | None,
+    update: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float,
+    lr_tensor: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """The update launch, then the launch that advances the step counts (the last pointer table)."""
+    device = plan.device
+    params, keeps = work[0], work[2]
+    _adam_step[plan.grid](
+        *plan.pointers,
+        plan.numels,
+        plan.tile_tensor,
+        plan.tile_start,
+        *present(device, scale),
+        len(keeps),
+        *present(device, grad_scale, found_inf, lr_tensor),
+        *f32_parts(lr),
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        *f32_parts(_log(beta1)),
+        *f32_parts(_log(beta2)),
+        eps,
+        weight_decay,
+        1.0 - lr * weight_decay,
+        lr * weight_decay,
+        HAS_WD=weight_decay != 0,
+        DECOUPLED=decoupled,
+        AMSGRAD=amsgrad,
+        MAXIMIZE=maximize,
+        **launch_flags(params, keeps, update, scale, grad_scale, found_inf, lr_tensor, plan),
+    )
+    _advance_steps[(triton.cdiv(n_steps, BLOCK),)](
+        plan.pointers[-1],
+        n_steps,
+        *present(device, found_inf),
+        HAS_FOUND_INF=found_inf is not None,
+        BLOCK=BLOCK,
+    )
+
+
 def _adam_step_impl(
     params: list[Tensor],
     grads: list[Tensor],
@@ -276,40 +425,26 @@ def _adam_step_impl(
     maximize: bool,
 ) -> None:
     device = params[0].device
-    plan, work = plan_for(
-        [params, grads, keeps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], device, steps
-    )
+    lists = [params, grads, keeps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    plan, work = plan_for(lists, device, steps)
     with device_guard(device):
-        _adam_step[plan.grid](
-            *plan.pointers,
-            plan.numels,
-            plan.tile_tensor,
-            plan.tile_start,
-            *present(device, scale),
-            len(work[2]),
-            *present(device, grad_scale, found_inf, lr_tensor),
-            *f32_parts(lr),
-            1.0 - beta1,
+        _launch(
+            plan,
+            work,
+            len(steps),
+            scale,
+            update,
+            grad_scale,
+            found_inf,
+            lr,
+            lr_tensor,
+            beta1,
             beta2,
-            1.0 - beta2,
-            *f32_parts(_log(beta1)),
-            *f32_parts(_log(beta2)),
             eps,
             weight_decay,
-            1.0 - lr * weight_decay,
-            lr * weight_decay,
-            HAS_WD=weight_decay != 0,
-            DECOUPLED=decoupled,
-            AMSGRAD=amsgrad,
-            MAXIMIZE=maximize,
-            **launch_flags(params, work[2], update, scale, grad_scale, found_inf, lr_tensor, plan),
-        )
-        _advance_steps[(triton.cdiv(len(steps), BLOCK),)](
-            plan.pointers[-1],
-            len(steps),
-            *present(device, found_inf),
-            HAS_FOUND_INF=found_inf is not None,
-            BLOCK=BLOCK,
+            decoupled,
+            amsgrad,
+            maximize,
         )
     for originals, w in zip(
         (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), (work[0], *work[3:]), strict=True

@@ -11,10 +11,7 @@ through a dense temporary.
 
 from __future__ import annotations
 
-import functools
-import itertools
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
 
 import torch
 import triton.language as tl
@@ -27,9 +24,6 @@ from torch import Tensor
 # elements and 8 warps were never faster and some were far slower (AdamW 2048/4: 59%, 8192/4: 13%).
 BLOCK = 1024
 NUM_WARPS = 4
-# Launch plans kept (see launch_plan): one per (tensor lists, device) a model steps with; a few
-# models per process.
-PLAN_CACHE_SIZE = 64
 # Pointer element types of the tensor dtypes the kernels take.
 TL_DTYPES = {
     torch.float32: tl.float32,
@@ -89,85 +83,57 @@ def write_back(originals: Sequence[Tensor], work: Sequence[Tensor]) -> None:
             original.copy_(w)
 
 
-@functools.lru_cache(maxsize=128)
-def _tiles(
-    numels: tuple[int, ...], block: int, device: torch.device
+def tile_table(
+    tensors: Sequence[Tensor], device: torch.device, block: int = BLOCK
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(tile_tensor, tile_start, numels)`` int64 tables on ``device`` for ``tensors``' sizes."""
+    numels = [t.numel() for t in tensors]
     counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
     first = torch.cumsum(counts, 0) - counts
     tile_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     tile_start = (torch.arange(int(counts.sum()), dtype=torch.int64) - first[tile_tensor]) * block
     numel_table = torch.tensor(numels, dtype=torch.int64)
-    return tuple(t.to(device) for t in (tile_tensor, tile_start, numel_table))  # type: ignore[return-value]
+    return tuple(to_device(t, device) for t in (tile_tensor, tile_start, numel_table))  # type: ignore[return-value]
 
 
-def tile_table(
-    tensors: Sequence[Tensor], device: torch.device, block: int = BLOCK
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(tile_tensor, tile_start, numels)`` int64 tables on ``device``; cached by the
-    tensors' sizes."""
-    return _tiles(tuple(t.numel() for t in tensors), block, device)
-
-
-@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def first_tiles(
-    numels: tuple[int, ...], device: torch.device, block: int = BLOCK
+    tensors: Sequence[Tensor], device: torch.device, block: int = BLOCK
 ) -> tuple[Tensor, Tensor]:
-    """Per tensor of ``numels`` elements, the index of its first tile and its number of tiles (for
-    per-tensor reductions over tiles); cached."""
-    counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
-    return (torch.cumsum(counts, 0) - counts).to(device), counts.to(device)
+    """Per tensor, the index of its first tile and its number of tiles (for per-tensor reductions
+    over tiles)."""
+    counts = torch.tensor([-(-t.numel() // block) for t in tensors], dtype=torch.int64)
+    return to_device(torch.cumsum(counts, 0) - counts, device), to_device(counts, device)
 
 
-def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+def to_device(
+    table: Tensor | list[int], device: torch.device, dtype: torch.dtype = torch.int64
+) -> Tensor:
     """A small host-built table on ``device``, copied through pinned memory so the copy never blocks
     the host."""
-    table = torch.tensor(values, dtype=dtype)
+    table = torch.as_tensor(table, dtype=dtype)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table
 
 
+def _pointers(tensors: Sequence[Tensor | None], length: int) -> list[int]:
+    """Data pointers of ``tensors`` (0 for None), padded with 0 up to ``length`` so that every
+    program can read its entry in bounds."""
+    return [0 if t is None else t.data_ptr() for t in tensors] + [0] * (length - len(tensors))
+
+
 def pointer_table(
     tensors: Sequence[Tensor | None], device: torch.device, length: int | None = None
 ) -> Tensor:
-    """Data pointers of ``tensors`` as an int64 tensor on ``device``; padded with 0 (for None, and
-    up to ``length``) so that every program can read its entry in bounds."""
-    pointers = [0 if t is None else t.data_ptr() for t in tensors]
-    return to_device(pointers + [0] * ((length or 0) - len(pointers)), torch.int64, device)
+    """Data pointers of ``tensors`` as an int64 tensor on ``device`` (0 for None), padded with 0 up
+    to ``length``."""
+    return to_device(_pointers(tensors, length or len(tensors)), device)
 
 
-@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def flag_table(flags: tuple[bool, ...], device: torch.device) -> Tensor:
-    """Per-tensor int8 flags on ``device`` (SGD's first-step flags), cached: they change only when a
-    parameter gets its momentum buffer."""
-    return to_device([int(f) for f in flags], torch.int8, device)
-
-
-def aligned(tensors: Sequence[Tensor | None], nbytes: int = 16) -> bool:
+def aligned(pointers: Iterable[int], nbytes: int = 16) -> bool:
     """True when every data pointer is a multiple of ``nbytes`` (lets the kernels use
     vector loads)."""
-    return all(t is None or t.data_ptr() % nbytes == 0 for t in tensors)
-
-
-class LaunchPlan(NamedTuple):
-    """What a multi-tensor launch needs on the device, built once for a set of tensor lists and
-    reused while they keep their data pointers and sizes: one pointer table per list, the tile
-    tables, and whether every pointer is 16-byte aligned (every list counted: parameters, gradients,
-    importances and optimizer state)."""
-
-    pointers: tuple[Tensor, ...]
-    tile_tensor: Tensor
-    tile_start: Tensor
-    numels: Tensor
-    aligned: bool
-
-    @property
-    def grid(self) -> tuple[int]:
-        return (self.tile_tensor.numel(),)
-
-
-_PLANS: dict[tuple, LaunchPlan] = {}
+    return all(p % nbytes == 0 for p in pointers)
 
 
 def _pairs_with_first(lists: Sequence[Sequence[Tensor]]) -> bool:
@@ -198,70 +164,82 @@ def _check(
                 )
 
 
-def _build(
-    lists: Sequence[Sequence[Tensor]], device: torch.device, scalars: Sequence[Tensor], block: int
-) -> LaunchPlan:
-    _check(lists, device, scalars)
-    length = len(lists[0])
-    tables = [pointer_table(lst, device, length) for lst in lists]
-    if scalars:
-        tables.append(pointer_table(scalars, device, length))
-    tile_tensor, tile_start, numels = tile_table(lists[0], device, block)
-    return LaunchPlan(
-        tuple(tables), tile_tensor, tile_start, numels, aligned([t for lst in lists for t in lst])
-    )
+class LaunchPlan:
+    """What a multi-tensor launch needs on the device: one pointer table per tensor list (the first
+    list sets the tiling; shorter lists are padded with null pointers; ``scalars``, one device
+    scalar per tensor such as Adam's step counts, get a table last), the tile tables, and whether
+    every pointer is 16-byte aligned.
 
+    The plan belongs to whoever built it (a prepared step, a one-off launch) and lives as long as
+    that owner; it holds the tensors it points at. ``refresh(i, tensors)`` points list ``i`` at
+    other tensors of the same sizes and layout (the gradients, which ``zero_grad(set_to_none=True)``
+    replaces every step): only when some pointer changed is that table rewritten, in place, so its
+    device address never changes. Build with ``fits(lists)`` true (every tensor dense in its
+    first-list partner's layout).
+    """
 
-def launch_plan(
-    lists: Sequence[Sequence[Tensor]],
-    device: torch.device,
-    scalars: Sequence[Tensor] = (),
-    block: int = BLOCK,
-) -> LaunchPlan | None:
-    """The cached plan for ``lists`` (the first list sets the tiling; shorter lists are padded with
-    null pointers) and ``scalars`` (one device scalar per tensor, e.g. Adam's step counts: its
-    pointer table comes last), or None when some tensor is not dense in its first-list partner's
-    layout. A steady-state step costs one read of each tensor's data pointer (and the first list's
-    sizes): no allocation, no copy to the device, no synchronisation. A plan is rebuilt when any
-    pointer or size changes (gradients that landed elsewhere after ``zero_grad(set_to_none=True)``,
-    a new head, ``load_state_dict``)."""
-    # Every list of a step pairs element-wise with the first (same shapes, checked when the plan is
-    # built), so the first list's sizes and every data pointer identify the plan; the lengths make
-    # the flat key unambiguous.
-    key = (
-        device,
-        block,
-        len(scalars),
-        len(lists),
-        *map(len, lists),
-        *map(Tensor.numel, lists[0]),
-        *map(Tensor.data_ptr, itertools.chain(scalars, *lists)),
-    )
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
-    if not _pairs_with_first(lists):
-        return None
-    plan = _PLANS[key] = _build(lists, device, scalars, block)
-    if len(_PLANS) > PLAN_CACHE_SIZE:
-        del _PLANS[
-            next(iter(_PLANS))
-        ]  # the oldest: a model steps with few plans, so order of use is not tracked
-    return plan
+    def __init__(
+        self,
+        lists: Sequence[Sequence[Tensor]],
+        device: torch.device,
+        scalars: Sequence[Tensor] = (),
+        block: int = BLOCK,
+    ) -> None:
+        _check(lists, device, scalars)
+        self.device = device
+        self._lists = [list(lst) for lst in lists] + ([list(scalars)] if scalars else [])
+        length = len(lists[0])
+        self._values = [_pointers(lst, length) for lst in self._lists]
+        self.pointers = tuple(to_device(v, device) for v in self._values)
+        self.tile_tensor, self.tile_start, self.numels = tile_table(lists[0], device, block)
+        self.aligned = aligned(p for v in self._values for p in v)
+
+    @staticmethod
+    def fits(lists: Sequence[Sequence[Tensor]]) -> bool:
+        """Whether one plan can address ``lists`` directly (see the class docstring)."""
+        return _pairs_with_first(lists)
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.tile_tensor.numel(),)
+
+    def refresh(self, index: int, tensors: Sequence[Tensor]) -> bool:
+        """Point list ``index`` at ``tensors``; False (and nothing changed) when one is not laid out
+        as its partner in the first list, so the caller takes a one-off ``plan_for`` instead."""
+        values = _pointers(tensors, len(self._values[index]))
+        if values == self._values[index]:
+            return True
+        reference = self._lists[0]
+        if len(tensors) != len(reference) or not all(
+            t.stride() == r.stride() or same_layout(t, r)
+            for t, r in zip(tensors, reference, strict=True)
+        ):
+            return False
+        _check([tensors], self.device, ())
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "a multi-tensor launch's tensors moved while a CUDA graph was being captured; "
+                "run the step once before capturing, and keep its tensors (gradients included) "
+                "where they are"
+            )
+        self.pointers[index].copy_(to_device(values, self.device), non_blocking=True)
+        self._values[index] = values
+        self._lists[index] = list(tensors)
+        self.aligned = aligned(p for v in self._values for p in v)
+        return True
 
 
 def plan_for(
     lists: Sequence[Sequence[Tensor]], device: torch.device, scalars: Sequence[Tensor] = ()
 ) -> tuple[LaunchPlan, Sequence[Sequence[Tensor]]]:
-    """The plan for ``lists`` and the tensors it addresses: the lists themselves (cached plan), or,
-    when some tensor is not dense in its partner's layout, dense copies in the first list's layout
-    (a one-off plan; the caller copies the lists it mutates back with ``write_back``)."""
-    plan = launch_plan(lists, device, scalars)
-    if plan is not None:
-        return plan, lists
+    """A one-off plan for ``lists`` and the tensors it addresses: the lists themselves, or, when
+    some tensor is not dense in its partner's layout, dense copies in the first list's layout (the
+    caller copies the lists it mutates back with ``write_back``)."""
+    if LaunchPlan.fits(lists):
+        return LaunchPlan(lists, device, scalars), lists
     first = [dense(t) for t in lists[0]]
     work = [
         first,
         *([dense_like(t, ref) for t, ref in zip(lst, first, strict=False)] for lst in lists[1:]),
     ]
-    return _build(work, device, scalars, BLOCK), work
+    return LaunchPlan(work, device, scalars), work

@@ -5,6 +5,9 @@ steps share)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -18,7 +21,7 @@ from spg_fast.kernels.triton.masked_step import (
     split_lr,
     step_grad,
 )
-from spg_fast.kernels.triton.multi_tensor import flag_table, plan_for, write_back
+from spg_fast.kernels.triton.multi_tensor import LaunchPlan, plan_for, to_device, write_back
 from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr
 
@@ -170,6 +173,131 @@ def _sgd_step(
         )
 
 
+class SGDStep:
+    """Masked SGD prepared for fixed ``params`` of one dtype (the first ``len(keeps)`` shared, with
+    their stored keep factors ``keeps``; the rest heads) and their ``momentum_buffers`` (empty
+    without momentum): the launch plan is built once and each call only points it at that call's
+    gradients (``multi_tensor.LaunchPlan.refresh``). Called as ``sgd_step_``, less the fixed
+    tensors."""
+
+    def __init__(
+        self, params: Sequence[Tensor], keeps: Sequence[Tensor], momentum_buffers: Sequence[Tensor]
+    ) -> None:
+        self._lists = [list(params), list(params), list(keeps), list(momentum_buffers)]
+        self._device = params[0].device if params else None
+        # The gradients' table starts out pointing at the parameters; the first call re-points it.
+        fits = bool(params) and LaunchPlan.fits(self._lists)
+        self._plan = LaunchPlan(self._lists, self._device) if fits else None
+        self._first: list[bool] | None = None
+        self._first_table: Tensor | None = None
+
+    def __call__(
+        self,
+        grads: Sequence[Tensor],
+        first_step: Sequence[bool],
+        scale: Tensor | None,
+        update: bool,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        lr: float | Tensor,
+        weight_decay: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        maximize: bool,
+    ) -> None:
+        params, _, keeps, buffers = self._lists
+        if not params:
+            return
+        if torch.compiler.is_compiling():  # the custom op, which compilation traces
+            sgd_step_(
+                params,
+                list(grads),
+                keeps,
+                buffers,
+                list(first_step),
+                scale,
+                update,
+                grad_scale,
+                found_inf,
+                lr,
+                weight_decay,
+                momentum,
+                dampening,
+                nesterov,
+                maximize,
+            )
+            return
+        if self._plan is not None and self._plan.refresh(1, grads):
+            plan, work = self._plan, self._lists
+        else:
+            plan, work = plan_for([params, grads, keeps, buffers], self._device)
+        if list(first_step) != self._first:
+            flags = [int(f) for f in first_step] or [0] * len(params)
+            self._first_table = to_device(flags, self._device, torch.int8)
+            self._first = list(first_step)
+        lr_value, lr_tensor = split_lr(lr, self._device)
+        with device_guard(self._device):
+            _launch(
+                plan,
+                work,
+                self._first_table,
+                scale,
+                update,
+                grad_scale,
+                found_inf,
+                lr_value,
+                lr_tensor,
+                weight_decay,
+                momentum,
+                dampening,
+                nesterov,
+                maximize,
+            )
+        write_back(params, work[0])
+        write_back(buffers, work[3])
+        torch.autograd.graph.increment_version([*params, *buffers])
+
+
+def _launch(
+    plan: LaunchPlan,
+    work: Sequence[Sequence[Tensor]],
+    first: Tensor,
+    scale: Tensor | None,
+    update: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float,
+    lr_tensor: Tensor | None,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    device = plan.device
+    params, _, keeps, _ = work
+    _sgd_step[plan.grid](
+        *plan.pointers,
+        first,
+        plan.numels,
+        plan.tile_tensor,
+        plan.tile_start,
+        *present(device, scale),
+        len(keeps),
+        *present(device, grad_scale, found_inf, lr_tensor),
+        lr,
+        weight_decay,
+        momentum,
+        1.0 - dampening,
+        HAS_WD=weight_decay != 0,
+        HAS_MOMENTUM=momentum != 0,
+        NESTEROV=nesterov,
+        MAXIMIZE=maximize,
+        **launch_flags(params, keeps, update, scale, grad_scale, found_inf, lr_tensor, plan),
+    )
+
+
 def _sgd_step_impl(
     params: list[Tensor],
     grads: list[Tensor],
@@ -189,30 +317,27 @@ def _sgd_step_impl(
     maximize: bool,
 ) -> None:
     device = params[0].device
-    plan, (work_p, _, work_a, work_b) = plan_for([params, grads, keeps, momentum_buffers], device)
-    first = flag_table(tuple(first_step) or (False,) * len(params), device)
+    plan, work = plan_for([params, grads, keeps, momentum_buffers], device)
+    first = to_device([int(f) for f in first_step] or [0] * len(params), device, torch.int8)
     with device_guard(device):
-        _sgd_step[plan.grid](
-            *plan.pointers,
+        _launch(
+            plan,
+            work,
             first,
-            plan.numels,
-            plan.tile_tensor,
-            plan.tile_start,
-            *present(device, scale),
-            len(work_a),
-            *present(device, grad_scale, found_inf, lr_tensor),
+            scale,
+            update,
+            grad_scale,
+            found_inf,
             lr,
+            lr_tensor,
             weight_decay,
             momentum,
-            1.0 - dampening,
-            HAS_WD=weight_decay != 0,
-            HAS_MOMENTUM=momentum != 0,
-            NESTEROV=nesterov,
-            MAXIMIZE=maximize,
-            **launch_flags(params, work_a, update, scale, grad_scale, found_inf, lr_tensor, plan),
+            dampening,
+            nesterov,
+            maximize,
         )
-    write_back(params, work_p)
-    write_back(momentum_buffers, work_b)
+    write_back(params, work[0])
+    write_back(momentum_buffers, work[3])
 
 
 _sgd_step_call = in_place_op("sgd_step_", _sgd_step_impl, ("params", "momentum_buffers"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from spg_fast._backend import StepKernels
 from spg_fast.mask_mode import MaskMode
 from spg_fast.optim.base import Batch, MaskedOptimizer, torch_checked
 from spg_fast.spg import SPG
@@ -120,6 +122,15 @@ class Adam(MaskedOptimizer):
             maximize=group["maximize"],
         )
 
+    def prepare(
+        self,
+        kernels: StepKernels,
+        params: list[Tensor],
+        keeps: list[Tensor],
+        state: tuple[list[Tensor], ...],
+    ) -> Callable[..., None]:
+        return kernels.adam(params, keeps, *state)
+
     def fused_step(
         self,
         group: dict[str, Any],
@@ -128,15 +139,8 @@ class Adam(MaskedOptimizer):
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> None:
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = batch.state
-        batch.kernels.adam_step_(
-            batch.params,
+        batch.fused(
             batch.grads(),
-            batch.keeps,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            steps,
             batch.scale,
             update,
             grad_scale,

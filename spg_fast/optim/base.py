@@ -76,7 +76,7 @@ class Batch:
     state: tuple[list[Tensor], ...]  # the optimizer's state lists, as its step kernel takes them
     first_step: list[bool]  # per parameter: no state before this step
     keys: list[Tensor]  # the parameters as the optimizer holds them (DTensors under FSDP2)
-    kernels: StepKernels | None  # the backend's fused steps for these tensors; None: fallback
+    fused: Callable[..., None] | None  # the backend's fused step, prepared; None: the fallback
 
     def grads(self) -> list[Tensor]:
         """The gradients, laid out as ``params``."""
@@ -107,10 +107,11 @@ class MaskedOptimizer(Optimizer):
     snapshot of the parameters and the scaling of their change (update mode; the snapshot buffers
     are kept). All take GradScaler's ``grad_scale``/``found_inf``.
 
-    A group's plan (its batches, state lists and kernels) is built once and reused while the same
-    parameters have gradients, SPG's mask is unchanged and ``state`` is the same mapping of as many
-    entries: in a training loop with ``zero_grad()`` a steady-state step only reads the gradients.
-    ``load_state_dict`` and unpickling drop the plans. ``plan_builds`` counts the plans built.
+    A group's plan (its batches, state lists and prepared fused steps, whose launch tables are built
+    once) is reused while the same parameters have gradients, SPG's mask is unchanged and ``state``
+    is the same mapping of as many entries: in a training loop with ``zero_grad()`` a steady-state
+    step only reads the gradients and points the launch at them. ``load_state_dict`` and unpickling
+    drop the plans. ``plan_builds`` counts the plans built.
     """
 
     def __init__(
@@ -199,7 +200,8 @@ class MaskedOptimizer(Optimizer):
             state = tuple([sharded.local(t) for t in tensors] for tensors in state)
         touched = [*params, *(t for tensors in state for t in tensors)]
         kernels = self.spg._ops.step_kernels(touched, keeps)
-        return Batch(params, keeps, self.spg.head_scale, state, first, keys, kernels)
+        fused = None if kernels is None else self.prepare(kernels, params, keeps, state)
+        return Batch(params, keeps, self.spg.head_scale, state, first, keys, fused)
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
@@ -215,7 +217,7 @@ class MaskedOptimizer(Optimizer):
                 continue
             update = resolve(self.mask, self, group) == "update"
             for batch in self.plan(group, params):
-                if batch.kernels is not None:
+                if batch.fused is not None:
                     self.fused_step(group, batch, update, *scaler)
                 else:
                     self._fallback_step(group, batch, update, *scaler)
@@ -254,6 +256,17 @@ class MaskedOptimizer(Optimizer):
         and per parameter whether this is its first step (it had no state)."""
         raise NotImplementedError
 
+    def prepare(
+        self,
+        kernels: StepKernels,
+        params: list[Tensor],
+        keeps: list[Tensor],
+        state: tuple[list[Tensor], ...],
+    ) -> Callable[..., None]:
+        """The backend's fused step prepared for one batch's tensors (``kernels.sgd`` or
+        ``kernels.adam``)."""
+        raise NotImplementedError
+
     def fused_step(
         self,
         group: dict[str, Any],
@@ -262,7 +275,7 @@ class MaskedOptimizer(Optimizer):
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> None:
-        """One batch's step on the backend's fused kernels (``batch.kernels``)."""
+        """One batch's step on its prepared fused step (``batch.fused``)."""
         raise NotImplementedError
 
     def torch_step(

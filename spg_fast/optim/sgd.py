@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from spg_fast._backend import StepKernels
 from spg_fast.mask_mode import MaskMode
 from spg_fast.optim.base import Batch, MaskedOptimizer, torch_checked
 from spg_fast.spg import SPG
@@ -84,6 +86,16 @@ class SGD(MaskedOptimizer):
             maximize=group["maximize"],
         )
 
+    def prepare(
+        self,
+        kernels: StepKernels,
+        params: list[Tensor],
+        keeps: list[Tensor],
+        state: tuple[list[Tensor], ...],
+    ) -> Callable[..., None]:
+        (bufs,) = state
+        return kernels.sgd(params, keeps, bufs)
+
     def fused_step(
         self,
         group: dict[str, Any],
@@ -92,12 +104,8 @@ class SGD(MaskedOptimizer):
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> None:
-        (bufs,) = batch.state
-        batch.kernels.sgd_step_(
-            batch.params,
+        batch.fused(
             batch.grads(),
-            batch.keeps,
-            bufs,
             batch.first_step,
             batch.scale,
             update,
