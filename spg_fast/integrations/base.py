@@ -1,14 +1,17 @@
-"""What the framework callbacks share: end_task options checked up front, each optimizer masked once
-and only through spg-fast's registry, the end-of-task pass, and the set-ups the callbacks refuse."""
+"""What the framework integrations share: end_task options checked up front, each optimizer masked
+once and only through spg-fast's registry, the end-of-task pass over the processes that hold the
+task's data, and the record that keeps a framework's checkpoints and SPG's tasks in step."""
 
 from __future__ import annotations
 
 import inspect
 import weakref
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -16,11 +19,16 @@ from spg_fast.mask_mode import MaskMode, check_mask
 from spg_fast.optimizer import AttachHandle
 from spg_fast.spg import SPG
 
+STATE_FORMAT = 1
+"""Version of the state the callbacks and the Avalanche plugin put into framework checkpoints
+(``{"format", "spg", "ended", "over"}``); a bare ``spg.state_dict()`` (what the callbacks saved
+before) still loads."""
+
 
 def checked_end_task_options(spg: SPG, options: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``options`` as keyword arguments for ``spg.end_task`` (everything but the task id and the
-    loader, which the callback supplies); a name ``end_task`` does not take is a ``TypeError`` now
-    rather than at the end of training."""
+    loader, which the integration supplies); a name ``end_task`` does not take is a ``TypeError``
+    now rather than at the end of training."""
     if not isinstance(spg, SPG):
         raise TypeError(f"{where} needs an spg_fast.SPG object, got {type(spg).__name__}")
     signature = inspect.signature(spg.end_task)
@@ -30,7 +38,7 @@ def checked_end_task_options(spg: SPG, options: Mapping[str, Any], where: str) -
         accepted = [n for n in signature.parameters if n not in ("task_id", "loader")]
         raise TypeError(
             f"{where}: {err}; the options are passed to SPG.end_task, which takes "
-            f"{', '.join(accepted)} (the callback supplies the task id and the loader)"
+            f"{', '.join(accepted)} (the integration supplies the task id and the loader)"
         ) from None
     return dict(options)
 
@@ -48,15 +56,16 @@ def check_model_holds(spg: SPG, model: nn.Module, where: str) -> None:
         )
 
 
-def refuse_multiprocess(world_size: int, where: str) -> None:
-    """One process only: each process of a distributed run would measure the importance on its own
-    shard of the data, so the processes would mask with different ``A`` and their replicas would
-    drift apart."""
-    if world_size > 1:
+def data_parallel_group(world_size: int) -> dist.ProcessGroup | None:
+    """The group whose processes each train a replica on part of the data: the default group when
+    there are several processes, None for one."""
+    if world_size <= 1:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
-            f"{where} supports a single training process, got world size {world_size}: each "
-            "process would measure importance on its own shard of the data and mask differently"
+            f"{world_size} training processes but torch.distributed is not initialised"
         )
+    return dist.group.WORLD
 
 
 def unwrapped(optimizer: Any) -> Optimizer:
@@ -67,14 +76,14 @@ def unwrapped(optimizer: Any) -> Optimizer:
         inner = inner.optimizer
     if not isinstance(inner, Optimizer):
         raise TypeError(
-            f"SPG callbacks mask torch.optim optimizers; got a {type(optimizer).__name__} with no "
+            f"SPG masks torch.optim optimizers; got a {type(optimizer).__name__} with no "
             "torch.optim.Optimizer inside"
         )
     return inner
 
 
 class MaskedOptimizers:
-    """The optimizers one callback masks, each through ``SPG.attach`` (torch's step pre- and
+    """The optimizers one integration masks, each through ``SPG.attach`` (torch's step pre- and
     post-hooks, so the mask applies wherever and however the framework steps, in the mode
     ``spg_fast.mask_mode`` picks per param group). Attaching registers the optimizer in spg-fast's
     registry, so an optimizer that ``spg.wrap``, ``spg.attach`` or a ``spg_fast.optim`` optimizer
@@ -97,13 +106,100 @@ class MaskedOptimizers:
         return inner
 
     def release(self) -> None:
+        """Stop masking every optimizer added."""
         for handle in list(self._handles.values()):
             handle.remove()
         self._handles = weakref.WeakKeyDictionary()
 
 
-def end_current_task(spg: SPG, loader: Iterable[Any], options: Mapping[str, Any]) -> None:
+def end_current_task(
+    spg: SPG,
+    loader: Iterable[Any],
+    options: Mapping[str, Any],
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
     """``spg.end_task`` for the task just trained (tasks end in order, so its id is
-    ``spg.tasks_finished``), with autograd on whatever mode the framework left."""
+    ``spg.tasks_finished``), with autograd on whatever mode the framework left; the gradient sums
+    are added over ``process_group`` unless the options name a group themselves."""
     with torch.enable_grad():
-        spg.end_task(spg.tasks_finished, loader, **options)
+        spg.end_task(
+            spg.tasks_finished, loader, **{"process_group": process_group, **dict(options)}
+        )
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a framework checkpoint says about SPG's task besides SPG's own state.
+
+    Attributes:
+        ended: the task its run trained had been ended (its importance is in the state).
+        over: its run's training had finished when it was written (None: not recorded).
+    """
+
+    ended: bool
+    over: bool | None
+
+
+def checkpoint_state(spg: SPG, *, ended: bool, over: bool | None) -> dict[str, Any]:
+    """SPG's part of a framework checkpoint (``torch.load(weights_only=True)`` reads it)."""
+    return {"format": STATE_FORMAT, "spg": spg.state_dict(), "ended": ended, "over": over}
+
+
+def read_checkpoint_state(state: Mapping[str, Any], where: str) -> tuple[dict[str, Any], Saved]:
+    """SPG's state dict and the ``Saved`` record in ``checkpoint_state`` output; a bare
+    ``spg.state_dict()`` (the callbacks' earlier format) reads as a task not ended, its end
+    unrecorded."""
+    if "spg" not in state:
+        return dict(state), Saved(ended=False, over=None)
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(
+            f"{where}: SPG's checkpoint state has format {state.get('format')!r}; this version "
+            f"reads format {STATE_FORMAT}"
+        )
+    return state["spg"], Saved(ended=bool(state["ended"]), over=state["over"])
+
+
+class TaskRun:
+    """One framework run (a Lightning ``fit``, a ``Trainer.train()`` call) trains one task; this
+    decides whether the run ends a task, from what the checkpoint it resumed from says and whether
+    it trained.
+
+    - A run that trains ends its task when its training is over: the task after those in SPG's
+      state.
+    - A run that trains nothing after resuming from a checkpoint written once its task had ended
+      ends nothing (that task is in the state already); after resuming from any other checkpoint it
+      ends the task now, before anything else.
+    - Training after resuming from a checkpoint written once training was over but before its
+      task ended is refused (``before_training``): the task would go unprotected and be measured
+      on the next task's data.
+    """
+
+    def __init__(self, spg: SPG, where: str) -> None:
+        self._spg = spg
+        self._where = where
+        self.resumed: Saved | None = None
+        self.trained = False
+        self.ended = False
+
+    def before_training(self) -> None:
+        """Call before the run's first training step."""
+        if self.trained:
+            return
+        saved = self.resumed
+        if saved is not None and saved.over and not saved.ended:
+            task = self._spg.tasks_finished
+            raise RuntimeError(
+                f"{self._where}: the checkpoint resumed from was written after task {task}'s "
+                f"training had finished but before SPG measured task {task} (the run stopped in "
+                "between), and this run would train further: task "
+                f"{task} would be unprotected and then measured on this run's data. Resume it "
+                f"once with task {task}'s data and nothing left to train (the callback then ends "
+                f"task {task}), and train the next task from there"
+            )
+        self.trained = True
+
+    def should_end(self) -> bool:
+        """Whether the run, its training over, ends a task."""
+        if self.ended:
+            return False
+        return self.trained or not (self.resumed is not None and self.resumed.ended)

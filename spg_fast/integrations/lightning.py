@@ -1,22 +1,34 @@
-"""SPG in Lightning: a callback that masks gradients before each optimizer step, ends a task after
-each ``fit`` and keeps SPG's state in Lightning's checkpoints."""
+"""SPG in Lightning: a callback that masks every optimizer step, ends a task when each ``fit``'s
+training is over (on one process or under DDP) and keeps SPG's state in Lightning's checkpoints,
+the last checkpoint of a task included."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from torch.nn.parallel import DistributedDataParallel
+
 from spg_fast.integrations.base import (
     MaskedOptimizers,
+    TaskRun,
     check_model_holds,
     checked_end_task_options,
+    checkpoint_state,
     end_current_task,
-    refuse_multiprocess,
+    read_checkpoint_state,
 )
 from spg_fast.mask_mode import MaskMode
 from spg_fast.spg import SPG
 
 try:
     import lightning.pytorch as pl
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        SingleDeviceStrategy,
+    )
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "spg_fast.integrations.lightning needs the lightning package: "
@@ -36,55 +48,99 @@ class SPGCallback(pl.Callback):
       clipping and, with 16-bit AMP, after unscaling). An optimizer already masked through
       ``spg.wrap``, ``spg.attach`` or ``spg_fast.optim`` is refused when the fit starts, as is one
       holding parameters that are not the SPG model's.
-    - End of task: when ``fit`` finishes (not when it fails or is interrupted), ``spg.end_task``
-      runs for task ``spg.tasks_finished`` over the fit's train dataloader, on the device the model
-      trained on. ``end_task_options`` (``forward``, ``loss_fn``, ``prepare_batch``, ...) are passed
-      to it unchanged; by default each batch is an ``(x, y)`` pair and the loss is
-      ``F.cross_entropy(spg.model(x, task_id), y)``.
-    - Checkpoints: ``state_dict``/``load_state_dict`` carry ``spg.state_dict()``, so every
-      Lightning checkpoint holds SPG's state and ``fit(ckpt_path=...)`` restores it (once the model
-      is on its device).
+    - End of task: when the fit's training is over (``on_train_end``; not when it fails or is
+      interrupted), ``spg.end_task`` runs for task ``spg.tasks_finished`` over the fit's train
+      dataloader, on the device the model trained on. ``end_task_options`` (``forward``,
+      ``loss_fn``, ``prepare_batch``, ...) are passed to it unchanged; by default each batch is an
+      ``(x, y)`` pair and the loss is ``F.cross_entropy(spg.model(x, task_id), y)``.
+    - Several processes (``strategy="ddp"`` and its spawn/fork variants): build SPG on the plain
+      model (the LightningModule or a submodule), as on one process. Each process measures its
+      own share of the data (Lightning's distributed sampler) and the gradient sums are added over
+      the DDP group, so every process ends the task with the importance of all the data.
+      Lightning's ``"fsdp"`` strategy (FSDP1's flat parameters), ``ModelParallelStrategy`` and
+      DeepSpeed are refused when the fit starts.
+    - Checkpoints: every Lightning checkpoint holds SPG's state under
+      ``checkpoint["callbacks"]["SPGCallback"]`` (``spg_fast.integrations.base.checkpoint_state``)
+      and ``fit(ckpt_path=...)`` restores it. Checkpoints written at the step where training ended
+      are written again after ``end_task``, so the last checkpoint of a task holds that task's
+      importance: a fit that resumes from it and trains further trains the next task, protected.
+      A fit that resumes from it and trains nothing ends nothing; one that resumes from any other
+      checkpoint and trains nothing ends the task (a run that stopped before ``end_task``). One that
+      would train on from a checkpoint written after training was over but before the task ended
+      is refused before its first step.
 
-    One training process only (a distributed run is refused).
+    Args:
+        spg: the SPG object of the model the LightningModule trains.
+        mask: ``"auto"`` (the default), ``"gradient"`` or ``"update"`` (``spg_fast.mask_mode``).
+        **end_task_options: keyword arguments for ``spg.end_task`` (not the task id or loader).
     """
 
     def __init__(self, spg: SPG, *, mask: MaskMode = "auto", **end_task_options: Any) -> None:
         self.spg = spg
         self.end_task_options = checked_end_task_options(spg, end_task_options, _WHERE)
         self._optimizers = MaskedOptimizers(spg, mask)
-        self._pending_state: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None
+        self._run: TaskRun | None = None  # the current fit's, or the last one's
+        self._trainer: pl.Trainer | None = None  # while a fit runs
+        self._saves: _Saves | None = None
         self._fitting = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            refuse_multiprocess(trainer.world_size, _WHERE)
+            _check_strategy(trainer)
             check_model_holds(self.spg, pl_module, _WHERE)
+            self._run = TaskRun(self.spg, _WHERE)
+            self._trainer = trainer
+            self._saves = _Saves(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores callback state before it moves the model to its device; applied now,
         # SPG's state lands on the parameters' device.
         self._fitting = True
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self.spg.load_state_dict(state)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self._restore(state)
         for optimizer in trainer.optimizers:
             self._optimizers.add(optimizer)
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._run.before_training()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The training loop is over, the strategy still set up: the model is on its device and,
+        # under DDP, wrapped (its group known).
+        if not self._run.should_end():
+            return
+        self._end_task(trainer)
+        self._saves.write_again(trainer.global_step)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Reached without on_train_end when Lightning skipped training (a checkpoint resumed from
+        # had nothing left to train); the strategy is torn down: the model is on the CPU, unwrapped.
+        if not self._run.should_end():
+            return
+        device, trained_on = pl_module.device, trainer.strategy.root_device
+        pl_module.to(trained_on)
+        try:
+            self._end_task(trainer)
+        finally:
+            pl_module.to(device)
+
+    def _end_task(self, trainer: pl.Trainer) -> None:
         loader = trainer.train_dataloader
         if loader is None:
             raise RuntimeError(
                 f"{_WHERE}: the fit had no train dataloader, so task {self.spg.tasks_finished} "
                 "cannot be measured"
             )
-        # Lightning has already moved the model to the CPU (strategy teardown); measure where
-        # it trained.
-        device, trained_on = pl_module.device, trainer.strategy.root_device
-        pl_module.to(trained_on)
-        try:
-            end_current_task(self.spg, loader, self.end_task_options)
-        finally:
-            pl_module.to(device)
+        wrapped = trainer.strategy.model
+        group = wrapped.process_group if isinstance(wrapped, DistributedDataParallel) else None
+        if group is None and trainer.world_size > 1:  # after teardown: the default group
+            group = _default_group()
+        end_current_task(self.spg, loader, self.end_task_options, group)
+        self._run.ended = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -97,13 +153,107 @@ class SPGCallback(pl.Callback):
 
     def _fit_over(self) -> None:
         self._optimizers.release()
+        if self._saves is not None:
+            self._saves.remove()
+        self._saves = None
+        self._trainer = None
         self._fitting = False
 
     def state_dict(self) -> dict[str, Any]:
-        return self._pending_state if self._pending_state is not None else self.spg.state_dict()
+        if self._pending is not None:  # restored, not applied yet: pass it on unchanged
+            return self._pending
+        ended = self._run is not None and self._run.ended
+        over = True if ended else None
+        if not ended and self._trainer is not None:
+            over = _training_over(self._trainer)
+        return checkpoint_state(self.spg, ended=ended, over=over)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._fitting:
-            self.spg.load_state_dict(state_dict)
+            self._restore(state_dict)
+        else:  # applied when the fit starts
+            self._pending = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        spg_state, saved = read_checkpoint_state(state, _WHERE)
+        self.spg.load_state_dict(spg_state)
+        self._run.resumed = saved
+
+
+def _check_strategy(trainer: pl.Trainer) -> None:
+    """Refuse the strategies SPG cannot mask or measure under, naming what to use instead."""
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise RuntimeError(
+            f"{_WHERE}: DeepSpeed ({name}) steps its own partitioned copies of the parameters, "
+            "which SPG cannot mask; use strategy='ddp'"
+        )
+    if isinstance(strategy, FSDPStrategy):
+        raise RuntimeError(
+            f"{_WHERE}: Lightning's strategy 'fsdp' ({name}) is FSDP1, whose flattened "
+            "parameters SPG cannot mask; use strategy='ddp'"
+        )
+    if not isinstance(strategy, DDPStrategy | SingleDeviceStrategy):
+        raise RuntimeError(
+            f"{_WHERE}: strategy {name} is not supported; SPGCallback runs on one device or "
+            "under strategy='ddp' (and its spawn/fork variants)"
+        )
+
+
+def _training_over(trainer: pl.Trainer) -> bool:
+    """Whether the fit's training loop stops without another step, judged at a checkpoint save the
+    way Lightning's fit loop judges it: the step or epoch limit reached (an epoch counts once its
+    last batch ran, also while its validation runs) or a stop requested where it may stop."""
+    loop = trainer.fit_loop
+    epochs = loop.epoch_progress.current
+    done = epochs.processed
+    if epochs.processed < epochs.started and loop.epoch_loop.batch_progress.is_last_batch:
+        done += 1
+    steps = loop.epoch_loop.global_step
+    if trainer.max_steps != -1 and steps >= trainer.max_steps:
+        return True
+    if loop.max_epochs not in (None, -1) and done >= loop.max_epochs:
+        return True
+    may_stop = done >= (loop.min_epochs or 0) and steps >= (loop.min_steps or 0)
+    return bool(trainer.should_stop) and may_stop
+
+
+def _default_group() -> Any:
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
+class _Saves:
+    """The checkpoint files a trainer writes during a fit, with the global step of each, so those
+    of the last step can be written again once the task has ended: ``trainer.save_checkpoint``
+    (which ``ModelCheckpoint`` and users call) is shadowed on the trainer until ``remove``."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self._trainer = trainer
+        self._save = trainer.save_checkpoint
+        self._written: dict[str, tuple[int, Any]] = {}
+        trainer.save_checkpoint = self._recording_save
+
+    def _recording_save(
+        self, filepath: Any, weights_only: bool | None = None, storage_options: Any = None
+    ) -> None:
+        self._save(filepath, weights_only=weights_only, storage_options=storage_options)
+        if weights_only:  # holds no callback state
+            self._written.pop(str(filepath), None)
         else:
-            self._pending_state = state_dict
+            self._written[str(filepath)] = (self._trainer.global_step, storage_options)
+
+    def write_again(self, step: int) -> None:
+        """Write again, with the state as it is now, every full checkpoint written at ``step`` that
+        still exists (every process calls it, as ``save_checkpoint`` requires)."""
+        for path, (at, options) in list(self._written.items()):
+            exists = get_filesystem(path).exists(path)
+            if at == step and self._trainer.strategy.broadcast(exists):
+                self._save(path, weights_only=False, storage_options=options)
+
+    def remove(self) -> None:
+        """Stop shadowing ``trainer.save_checkpoint``."""
+        if self._trainer.__dict__.get("save_checkpoint") == self._recording_save:
+            del self._trainer.save_checkpoint

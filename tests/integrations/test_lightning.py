@@ -5,7 +5,9 @@ Lightning checkpoints."""
 from __future__ import annotations
 
 import copy
+import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +19,11 @@ from tests.helpers import MultiHeadNet, make_tasks
 
 L = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import (  # noqa: E402
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+)
 
 from spg_fast.integrations.lightning import SPGCallback  # noqa: E402
 from tests.integrations.recording import RecordingSGD  # noqa: E402
@@ -41,12 +48,15 @@ class TaskModule(L.LightningModule):
         self.wrap_with: SPG | None = (
             None  # configure_optimizers returns wrap_with.wrap(SGD) when set
         )
+        self.adamw = False  # configure_optimizers returns torch's AdamW when set
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self.net(x, self.task), y)
 
     def configure_optimizers(self):
+        if self.adamw:
+            return torch.optim.AdamW(self.net.parameters(), lr=0.01)
         optimizer = RecordingSGD(self.net, lr=0.5)
         self.optimizers_made.append(optimizer)
         return self.wrap_with.wrap(optimizer) if self.wrap_with else optimizer
@@ -71,12 +81,12 @@ def _module(seed: int) -> TaskModule:
     return TaskModule(MultiHeadNet().double())
 
 
-def _fit(module, loader, root, callbacks=(), ckpt_path=None) -> None:
+def _fit(module, loader, root, callbacks=(), ckpt_path=None, **trainer_args) -> None:
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer = L.Trainer(
+        **{"max_epochs": 2, **trainer_args},
         accelerator="cpu",
         devices=1,
-        max_epochs=2,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -98,13 +108,21 @@ def _copy_for_task1(module: TaskModule, spg: SPG) -> tuple[TaskModule, SPG]:
 
 
 @pytest.fixture(scope="module")
-def after_task0(tmp_path_factory):
-    """Task 0 fitted with the callback: (module, spg, loaders)."""
+def task0_run(tmp_path_factory):
+    """Task 0 fitted with the callback and a checkpoint after each epoch: (module, spg, loaders,
+    checkpoint folder)."""
     loaders = _loaders()
     module = _module(seed=0)
     spg = SPG(module.net, heads=module.net.heads)
-    _fit(module, loaders[0], tmp_path_factory.mktemp("task0"), [SPGCallback(spg)])
-    return module, spg, loaders
+    folder = tmp_path_factory.mktemp("task0")
+    _fit(module, loaders[0], folder, [SPGCallback(spg), _checkpoints(folder)])
+    return module, spg, loaders, folder
+
+
+@pytest.fixture(scope="module")
+def after_task0(task0_run):
+    """(module, spg, loaders) after task 0."""
+    return task0_run[:3]
 
 
 def test_fit_ends_the_task_over_the_train_dataloader(after_task0):
@@ -180,13 +198,16 @@ def test_a_checkpoint_restores_spg_state_and_the_run_continues_identically(
     shutil.copy(folder / resume_from, checkpoint)
 
     saved = torch.load(checkpoint, weights_only=True)["callbacks"]["SPGCallback"]
-    assert saved["tasks_finished"] == 1
-    for name, k in spg.keep_factors.items():
-        assert torch.equal(saved["keep"][name], k), name
+    # The last checkpoint of the task was written again once the task had ended: it holds task 1.
+    last = resume_from == "epoch=1.ckpt"
+    assert saved["spg"]["tasks_finished"] == 1 + last
+    assert saved["ended"] is last and saved["over"] is last
+    for name, k in (run_spg if last else spg).keep_factors.items():
+        assert torch.equal(saved["spg"]["keep"][name], k), name
 
     # Fresh weights and a fresh SPG: everything comes from the checkpoint. From the mid-task
-    # checkpoint the second epoch trains with the restored masks; from the last one Lightning skips
-    # training and only the task ends.
+    # checkpoint the second epoch trains with the restored masks and the task ends; from the last
+    # one Lightning skips training and the task, ended already, is not ended again.
     resumed = _module(seed=1)
     resumed.task = 1
     resumed_spg = SPG(resumed.net, heads=resumed.net.heads)
@@ -221,3 +242,152 @@ def test_bad_set_ups_are_refused_with_the_reason(after_task0, tmp_path):
             tmp_path,
             [SPGCallback(SPG(other, heads=other.heads))],
         )
+
+
+class _Parameters(L.Callback):
+    """The network's parameters after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append({n: p.detach().clone() for n, p in pl_module.net.named_parameters()})
+
+
+def _factor(spg: SPG, name: str) -> torch.Tensor:
+    return spg.keep_factors.get(name, spg.head_scale)
+
+
+def _oracle(module: TaskModule, spg: SPG, task: int, loader: DataLoader) -> SPG:
+    """A copy of ``module``'s network with ``spg``'s state that ended ``task`` over ``loader``."""
+    net = copy.deepcopy(module.net)
+    oracle = SPG(net, heads=net.heads)
+    oracle.load_state_dict(spg.state_dict())
+    oracle.end_task(task, loader)
+    return oracle
+
+
+def test_the_next_task_resumes_from_the_last_checkpoint_of_the_task_before(task0_run, tmp_path):
+    """The last checkpoint of task 0 holds task 0's importance: a fit resumed from it for task 1
+    (with more epochs) trains task 1 protected from its first step and ends task 1 on its data."""
+    module, spg, loaders, folder = task0_run
+    start = {n: p.detach().clone() for n, p in module.net.named_parameters()}  # the checkpoint's
+    control, _ = _copy_for_task1(module, spg)
+    tracks = [_Parameters(), _Parameters()]
+    _fit(control, loaders[1], tmp_path / "control", [tracks[0]], max_steps=1)
+
+    resumed = _module(seed=1)
+    resumed.task = 1
+    resumed_spg = SPG(resumed.net, heads=resumed.net.heads)
+    _fit(
+        resumed,
+        loaders[1],
+        tmp_path / "task1",
+        [SPGCallback(resumed_spg), tracks[1]],
+        ckpt_path=folder / "epoch=1.ckpt",
+        max_epochs=4,
+    )
+    assert len(tracks[1].after) == 6  # epochs 2 and 3: task 1's
+    for name, p in start.items():
+        unprotected = tracks[0].after[0][name] - p
+        torch.testing.assert_close(
+            tracks[1].after[0][name] - p, unprotected * _factor(spg, name), rtol=1e-9, atol=1e-15
+        )
+    assert resumed_spg.tasks_finished == 2
+    oracle = _oracle(resumed, spg, 1, loaders[1])
+    for name, a in oracle.importance.items():
+        assert torch.equal(resumed_spg.importance[name], a), name
+
+
+def _stopped(_batch):
+    raise RuntimeError("the process stopped here")
+
+
+def test_a_checkpoint_written_before_its_task_ended_is_not_trained_on(tmp_path):
+    """A fit that stops between its last checkpoint and end_task leaves a checkpoint whose task
+    is not in SPG's state: training on from it is refused; resumed with nothing left to train, the
+    task ends."""
+    loaders = _loaders()
+    module = _module(seed=0)
+    callback = SPGCallback(SPG(module.net, heads=module.net.heads), prepare_batch=_stopped)
+    with pytest.raises(RuntimeError, match="the process stopped here"):
+        _fit(module, loaders[0], tmp_path, [callback, _checkpoints(tmp_path)])
+    last = tmp_path / "epoch=1.ckpt"
+    saved = torch.load(last, weights_only=True)["callbacks"]["SPGCallback"]
+    assert saved["spg"]["tasks_finished"] == 0 and saved["over"] is True
+    assert saved["ended"] is False
+    assert (
+        torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)["callbacks"]["SPGCallback"]["over"]
+        is False
+    )
+
+    following = _module(seed=1)
+    following.task = 1
+    following_spg = SPG(following.net, heads=following.net.heads)
+    with pytest.raises(
+        RuntimeError,
+        match="written after task 0's training had finished but before SPG measured task 0",
+    ):
+        _fit(
+            following,
+            loaders[1],
+            tmp_path / "next",
+            [SPGCallback(following_spg)],
+            ckpt_path=last,
+            max_epochs=4,
+        )
+    assert following.optimizers_made[-1].seen == []  # refused before any step
+
+    again = _module(seed=1)
+    again_spg = SPG(again.net, heads=again.net.heads)
+    _fit(again, loaders[0], tmp_path / "again", [SPGCallback(again_spg)], ckpt_path=last)
+    assert again_spg.tasks_finished == 1
+    oracle = _oracle(module, SPG(copy.deepcopy(module.net), heads="heads"), 0, loaders[0])
+    for name, a in oracle.importance.items():
+        assert torch.equal(again_spg.importance[name], a), name
+
+
+def test_a_lightning_adamw_is_protected_by_the_update_mask(after_task0, tmp_path):
+    """mask="auto" masks AdamW's update: the first step moves each element exactly its keep factor
+    (heads: the head scale) as far as the unprotected step; over the task, elements with A > 0.9
+    move far less than those with A < 0.1."""
+    module, spg, loaders = after_task0
+    masked, masked_spg = _copy_for_task1(module, spg)
+    control, _ = _copy_for_task1(module, spg)
+    masked.adamw = control.adamw = True
+    start = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+    tracks = [_Parameters(), _Parameters()]
+    _fit(masked, loaders[1], tmp_path / "m", [SPGCallback(masked_spg), tracks[0]])
+    _fit(control, loaders[1], tmp_path / "c", [tracks[1]])
+    assert len(tracks[0].after) == len(tracks[1].after) == 6
+
+    for name, p in start.items():
+        unprotected = tracks[1].after[0][name] - p
+        torch.testing.assert_close(
+            tracks[0].after[0][name] - p, unprotected * _factor(spg, name), rtol=1e-9, atol=1e-15
+        )
+    sums = {"high": [0.0, 0.0], "low": [0.0, 0.0]}
+    for name, a in spg.importance.items():
+        for key, where in (("high", a > 0.9), ("low", a < 0.1)):
+            for i, track in enumerate(tracks):
+                sums[key][i] += float((track.after[-1][name] - start[name])[where].abs().sum())
+    ratios = {key: m / c for key, (m, c) in sums.items()}
+    assert ratios["high"] < 0.15 and ratios["low"] > 0.8, ratios
+
+
+@pytest.mark.parametrize(
+    ("strategy", "words"),
+    [
+        (lambda: FSDPStrategy(), "'fsdp' (FSDPStrategy) is FSDP1"),
+        (lambda: DeepSpeedStrategy.__new__(DeepSpeedStrategy), "DeepSpeed"),
+        (lambda: ModelParallelStrategy(), "ModelParallelStrategy is not supported"),
+    ],
+    ids=["fsdp", "deepspeed", "model_parallel"],
+)
+def test_strategies_spg_cannot_run_under_are_refused(after_task0, strategy, words):
+    """Lightning's "fsdp" needs a GPU and its DeepSpeed strategy the deepspeed package, so the
+    callback's check sees their strategy objects directly."""
+    module, spg, _ = after_task0
+    trainer = SimpleNamespace(strategy=strategy())
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        SPGCallback(spg).setup(trainer, module, "fit")

@@ -21,6 +21,7 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
 )
@@ -74,10 +75,19 @@ def _spg(model: LlamaForCausalLM) -> SPG:
 
 
 def _train(
-    model, task, out, callbacks=(), resume=None, wrap_with=None, trainer_class=Trainer, **args
+    model,
+    task,
+    out,
+    callbacks=(),
+    resume=None,
+    wrap_with=None,
+    trainer_class=Trainer,
+    optimizer="sgd",
+    **args,
 ) -> list[dict[str, torch.Tensor]]:
-    """Train ``model`` on ``task`` with SGD; returns the gradients every optimizer step saw."""
-    optimizer = RecordingSGD(model, lr=0.5)
+    """Train ``model`` on ``task`` with SGD (or, for ``optimizer=None``, the Trainer's default
+    AdamW); returns the gradients every SGD step saw."""
+    sgd = RecordingSGD(model, lr=0.5) if optimizer == "sgd" else None
     arguments = TrainingArguments(
         **{
             "output_dir": str(out),
@@ -100,10 +110,10 @@ def _train(
         args=arguments,
         train_dataset=task,
         callbacks=list(callbacks),
-        optimizers=(wrap_with.wrap(optimizer) if wrap_with else optimizer, None),
+        optimizers=(wrap_with.wrap(sgd) if wrap_with else sgd, None),
     )
     trainer.train(resume_from_checkpoint=resume)
-    return optimizer.seen
+    return sgd.seen if sgd is not None else []
 
 
 def _twin(model: LlamaForCausalLM, spg: SPG) -> tuple[LlamaForCausalLM, SPG]:
@@ -114,11 +124,19 @@ def _twin(model: LlamaForCausalLM, spg: SPG) -> tuple[LlamaForCausalLM, SPG]:
 
 
 @pytest.fixture(scope="module")
-def after_task0(tmp_path_factory):
+def task0_run(tmp_path_factory):
+    """Task 0 trained with the callback, a checkpoint folder every 2 steps: (model, spg, output
+    folder)."""
     model = _model(seed=0)
     spg = _spg(model)
-    _train(model, TASKS[0], tmp_path_factory.mktemp("task0"), [SPGCallback(spg)])
-    return model, spg
+    out = tmp_path_factory.mktemp("task0")
+    _train(model, TASKS[0], out, [SPGCallback(spg)], save_strategy="steps", save_steps=2)
+    return model, spg, out
+
+
+@pytest.fixture(scope="module")
+def after_task0(task0_run):
+    return task0_run[:2]
 
 
 def test_train_ends_the_task_with_the_models_own_loss(after_task0):
@@ -144,7 +162,9 @@ def test_task_two_is_masked_once_right_before_each_step(after_task0, tmp_path):
     model, spg = after_task0
     masked, masked_spg = _twin(model, spg)
     control = copy.deepcopy(model)
-    seen_masked = _train(masked, TASKS[1], tmp_path / "masked", [SPGCallback(masked_spg, mask="gradient")])
+    seen_masked = _train(
+        masked, TASKS[1], tmp_path / "masked", [SPGCallback(masked_spg, mask="gradient")]
+    )
     seen_control = _train(control, TASKS[1], tmp_path / "control")
     assert len(seen_masked) == len(seen_control) == STEPS
 
@@ -190,8 +210,12 @@ def test_a_checkpoint_folder_restores_spg_state_and_the_run_continues_identicall
     assert run_spg.tasks_finished == 2
     folder = out / f"checkpoint-{resume_step}"
     saved = torch.load(folder / STATE_FILE, weights_only=True)
-    assert saved["global_step"] == resume_step and saved["spg"]["tasks_finished"] == 1
-    for name, k in spg.keep_factors.items():
+    # The last checkpoint of the task was written again once the task had ended: it holds task 1.
+    last = resume_step == STEPS
+    assert saved["global_step"] == resume_step and saved["spg"]["tasks_finished"] == 1 + last
+    assert saved["ended"] is last and saved["over"] is last
+    expected = run_spg if last else spg
+    for name, k in expected.keep_factors.items():
         assert torch.equal(saved["spg"]["keep"][name], k), name
 
     # Fresh weights and a fresh SPG: everything comes from the checkpoint folder. From step 2 the
@@ -223,6 +247,143 @@ def test_resuming_without_spg_state_or_an_already_masked_optimizer_is_refused(
     twin, twin_spg = _twin(model, spg)
     with pytest.raises(RuntimeError, match="is already masked through an SPG object"):
         _train(twin, TASKS[1], tmp_path / "wrapped", [SPGCallback(twin_spg)], wrap_with=twin_spg)
+
+
+def _oracle(model, spg, task: int, examples) -> SPG:
+    """A copy of ``model`` with ``spg``'s state that ended ``task`` over ``examples`` with the
+    model's own loss, as the callback does."""
+    twin, twin_spg = _twin(model, spg)
+    batches = [default_data_collator(examples[i : i + BATCH]) for i in range(0, EXAMPLES, BATCH)]
+    twin_spg.end_task(
+        task,
+        batches,
+        lambda batch: twin(**batch).loss,
+        loss_fn=lambda loss, _: loss,
+        prepare_batch=lambda batch: (batch, None),
+    )
+    return twin_spg
+
+
+def test_the_next_task_resumes_from_the_last_checkpoint_of_the_task_before(task0_run, tmp_path):
+    """The last checkpoint of task 0 holds task 0's importance: a run resumed from it for task 1
+    trains task 1 protected from its first step and ends task 1 on task 1's data."""
+    model, spg, out = task0_run
+    last = out / f"checkpoint-{STEPS}"
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}  # the checkpoint's
+    control = copy.deepcopy(model)
+    tracks = [_Parameters(control)]
+    _train(control, TASKS[1], tmp_path / "control", tracks, max_steps=1)  # task 1 unprotected
+
+    resumed = _model(seed=1)
+    resumed_spg = _spg(resumed)
+    tracks.append(_Parameters(resumed))
+    _train(
+        resumed,
+        TASKS[1],
+        tmp_path / "task1",
+        [SPGCallback(resumed_spg), tracks[1]],
+        resume=str(last),
+        resume_from_checkpoint=str(last),
+        num_train_epochs=2,
+    )
+    assert len(tracks[1].after) == STEPS  # the second epoch: task 1's
+    for name, keep in spg.keep_factors.items():
+        unprotected = tracks[0].after[0][name] - start[name]
+        torch.testing.assert_close(
+            tracks[1].after[0][name] - start[name], unprotected * keep, rtol=1e-9, atol=1e-15
+        )
+    assert resumed_spg.tasks_finished == 2
+    oracle = _oracle(resumed, spg, 1, TASKS[1])
+    for name, a in oracle.importance.items():
+        assert torch.equal(resumed_spg.importance[name], a), name
+
+
+def _stopped(_batch):
+    raise RuntimeError("the process stopped here")
+
+
+def test_a_checkpoint_written_before_its_task_ended_is_not_trained_on(tmp_path):
+    """A run that stops between its last checkpoint and end_task leaves a checkpoint whose task is
+    not in SPG's state: training on from it is refused; resumed with nothing left to train, the
+    task ends and the checkpoint gets it."""
+    model = _model(seed=0)
+    callback = SPGCallback(_spg(model), prepare_batch=_stopped)
+    with pytest.raises(RuntimeError, match="the process stopped here"):
+        _train(model, TASKS[0], tmp_path, [callback], save_strategy="steps", save_steps=2)
+    last = tmp_path / f"checkpoint-{STEPS}"
+    saved = torch.load(last / STATE_FILE, weights_only=True)
+    assert saved["spg"]["tasks_finished"] == 0 and saved["over"] is True
+    assert saved["ended"] is False
+
+    following = _model(seed=1)
+    with pytest.raises(
+        RuntimeError,
+        match="written after task 0's training had finished but before SPG measured task 0",
+    ):
+        _train(
+            following,
+            TASKS[1],
+            tmp_path,
+            [SPGCallback(_spg(following))],
+            resume=True,
+            num_train_epochs=2,
+        )
+    for (name, p), q in zip(model.named_parameters(), following.parameters(), strict=True):
+        assert torch.equal(p, q), name  # refused before any step
+
+    again = _model(seed=1)
+    again_spg = _spg(again)
+    _train(again, TASKS[0], tmp_path, [SPGCallback(again_spg)], resume=True)
+    assert again_spg.tasks_finished == 1
+    oracle = _oracle(model, _spg(copy.deepcopy(model)), 0, TASKS[0])
+    for name, a in oracle.importance.items():
+        assert torch.equal(again_spg.importance[name], a), name
+    saved = torch.load(last / STATE_FILE, weights_only=True)
+    assert saved["spg"]["tasks_finished"] == 1 and saved["ended"] is True
+
+
+class _Parameters(TrainerCallback):
+    """The model's parameters after every optimizer step."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+
+
+def test_the_trainers_default_adamw_is_protected_by_the_update_mask(after_task0, tmp_path):
+    """mask="auto" masks AdamW's update: the first step moves each element exactly its keep factor
+    as far as the unprotected step; over the task, elements with A > 0.9 move far less than those
+    with A < 0.1 (gradient masking would leave both at about 1x: Adam normalises it away)."""
+    model, spg = after_task0
+    masked, masked_spg = _twin(model, spg)
+    control = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tracks = [_Parameters(masked), _Parameters(control)]
+    _train(masked, TASKS[1], tmp_path / "m", [SPGCallback(masked_spg), tracks[0]], optimizer=None)
+    _train(control, TASKS[1], tmp_path / "c", [tracks[1]], optimizer=None)
+    assert len(tracks[0].after) == len(tracks[1].after) == STEPS
+
+    for name, keep in spg.keep_factors.items():
+        unmasked = tracks[1].after[0][name] - start[name]
+        torch.testing.assert_close(
+            tracks[0].after[0][name] - start[name], unmasked * keep, rtol=1e-9, atol=1e-15
+        )
+    ratios = _moved_ratios(spg, start, tracks[0].after[-1], tracks[1].after[-1])
+    assert ratios["high"] < 0.15 and ratios["low"] > 0.8, ratios
+
+
+def _moved_ratios(spg, start, masked, control) -> dict[str, float]:
+    """Mean distance moved with the mask over mean distance moved without it, for the shared
+    elements with A > 0.9 ("high") and with A < 0.1 ("low")."""
+    sums = {"high": [0.0, 0.0], "low": [0.0, 0.0]}
+    for name, a in spg.importance.items():
+        for key, where in (("high", a > 0.9), ("low", a < 0.1)):
+            for i, end in enumerate((masked, control)):
+                sums[key][i] += float((end[name] - start[name])[where].abs().sum())
+    return {key: m / c for key, (m, c) in sums.items()}
 
 
 class NextTokenTrainer(Trainer):
