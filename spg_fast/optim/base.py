@@ -26,7 +26,9 @@ def torch_checked(
     ``options`` as torch does (an invalid value raises torch's own error), then spg-fast's own
     limits: ``differentiable=True``, ``foreach=True``, ``fused=False`` and hyperparameters other
     than ``lr`` given as tensors are refused by name (the step is always spg-fast's fused one)."""
-    groups = list(params) if not isinstance(params, Tensor) else [params]
+    if isinstance(params, Tensor):  # torch's TypeError: an iterable of tensors is wanted
+        torch_class(params, **options)
+    groups = list(params)
     # Torch fills defaults into group dicts it is given: it checks copies.
     torch_class([dict(g) if isinstance(g, dict) else g for g in groups], **options)
     where = torch_class.__name__
