@@ -25,6 +25,10 @@ def test_bars_follow_the_batches_of_epochs_and_of_the_pass_after_a_task(tmp_path
     assert re.search(r"fisher diagonal: +100%.*\b12/12\b", err)  # 227 samples, batches of 20
     # the lines still reach the log, and the terminal above the bars
     assert "task 1 of 2 done" in (tmp_path / "log.txt").read_text() and "task 1 of 2 done" in err
+    run("digits", "spg", config={"max_epochs": 1}, tasks=2, progress="bar")
+    err = capsys.readouterr().err
+    # SPG's pass over task 1's 4 batches of 64 for heads 0 and 1 (one forward per batch for both)
+    assert re.search(r"importance head 1 \(2 of 2 heads done\): +100%.*\b4/4\b", err)
 
 
 def test_the_time_left_follows_every_task_but_the_last(capsys):

@@ -4,13 +4,14 @@ and ``spg.usage()`` for the capacity used."""
 
 from __future__ import annotations
 
-import inspect
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spg_fast import PassProgress
 from spg_fast.harness.methods.base import Method, PassReport, TaskData
 from spg_fast.spg import SPG
 
@@ -34,19 +35,12 @@ class Spg(Method):
     def end_task(self, model: nn.Module, data: TaskData, report: PassReport | None) -> None:
         """The importance pass over the task's training mini-batches, with the training loss's
         weighting (over several processes SPG adds the ranks' gradient sums)."""
-        extra: dict[str, Any] = {}
-        if report is not None and _takes_progress(self.spg):
-            extra["progress"] = lambda p: report(
-                f"importance head {p.head} ({p.heads_done} of {p.heads} heads done)",
-                p.batch,
-                p.batches,
-            )
         self.spg.end_task(
             data.task,
             list(data.batches(data.batch_size)),
             loss_fn=_share_loss,
             prepare_batch=_share_batch,
-            **extra,
+            progress=None if report is None else partial(_pass_progress, report),
         )
 
     def usage(self) -> dict[str, Any]:
@@ -68,9 +62,8 @@ class Spg(Method):
         self.spg.load_state_dict(state)
 
 
-def _takes_progress(spg: SPG) -> bool:
-    """Whether this SPG's ``end_task`` reports its progress (``progress=``, being added)."""
-    return "progress" in inspect.signature(spg.end_task).parameters
+def _pass_progress(report: PassReport, p: PassProgress) -> None:
+    report(f"importance head {p.head} ({p.heads_done} of {p.heads} heads done)", p.batch, p.batches)
 
 
 def _share_batch(batch: tuple[Tensor, Tensor, float]) -> tuple[Tensor, tuple[Tensor, float]]:
