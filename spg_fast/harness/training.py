@@ -272,7 +272,7 @@ class Learner:
         self.method = methods.make(method, options or MethodOptions(), backend)
         self.make_model, self.device, self.cfg = make_model, device, cfg
         self.ranks = ranks or Ranks(device=device)
-        if self.method.processes == "one" and self.ranks.world > 1:
+        if self.method.one_process and self.ranks.world > 1:
             raise ConfigError(
                 "method",
                 f"{method} runs in one process, not {self.ranks.world} (torchrun, --nproc)",

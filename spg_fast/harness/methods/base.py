@@ -45,9 +45,8 @@ class Method:
     """Fine-tuning: every task trains the same network with plain cross-entropy. Subclasses change
     the hooks they need."""
 
-    name = "finetune"
     network_per_task = False  # "one": a fresh network for every task
-    processes = "any"  # "one": refused under torchrun
+    one_process = False  # True: refused under torchrun
 
     def network(self, net: nn.Module) -> nn.Module:
         """The network this method trains, built around the backbone ``net``."""
@@ -92,5 +91,4 @@ class Method:
 class One(Method):
     """A fresh network for every task (no sharing, no forgetting): the upper reference."""
 
-    name = "one"
     network_per_task = True

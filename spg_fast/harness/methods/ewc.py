@@ -26,8 +26,7 @@ FISHER_BATCH = 20
 class Ewc(Method):
     """EWC with penalty weight ``lamb``; one process only."""
 
-    name = "ewc"
-    processes = "one"
+    one_process = True
 
     def __init__(self, lamb: float) -> None:
         self.lamb = lamb

@@ -94,8 +94,7 @@ def _units(layer: nn.Module) -> int:
 class Hat(Method):
     """HAT with the given hyperparameters (see the module docstring); one process only."""
 
-    name = "hat"
-    processes = "one"
+    one_process = True
 
     def __init__(
         self, s_max: float, c: float, clipgrad: float, thres_cosh: float, thres_emb: float

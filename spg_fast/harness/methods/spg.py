@@ -20,8 +20,6 @@ class Spg(Method):
     """Parameter-level soft-masking (Konishi et al., ICML 2023). ``mask``: ``auto``, ``gradient``
     or ``update`` (``spg.wrap``'s modes); ``backend``: SPG's implementation."""
 
-    name = "spg"
-
     def __init__(self, mask: str, backend: str) -> None:
         self.mask, self.backend = mask, backend
         self.spg: SPG | None = None
