@@ -52,17 +52,19 @@ class Ops:
     ``spg_fast.reference``). Every op takes the shared parameters' stored keep factors
     (``spg_fast.storage``) as they are stored.
 
-    ``moments`` and ``accumulate_with_`` serve parameters sharded across processes (FSDP2), whose
-    statistics are merged before the importance is formed; both backends use the reference's for
-    them, and for ``head_scale``. ``step_kernels(tensors, keeps)`` gives the fused steps that serve
-    a batch of ``spg_fast.optim`` (every tensor the step touches, and the keep factors it reads), or
-    None: mask (or snapshot) with the ops here around torch's fused step.
+    ``masker(xs, keeps, heads, before=None, head_before=None)`` prepares SPG's mask for fixed
+    tensors (``spg_fast.kernels.triton.soft_mask.SoftMask``'s interface): called with each step's
+    gradients it masks them; prepared with ``before`` it scales the change a step made. ``moments``
+    and ``accumulate_with_`` serve parameters sharded across processes (FSDP2), whose statistics
+    are merged before the importance is formed; both backends use the reference's for them, and
+    for ``head_scale``. ``step_kernels(tensors, keeps)`` gives the fused steps that serve a batch
+    of ``spg_fast.optim`` (every tensor the step touches, and the keep factors it reads), or None:
+    the mask around torch's fused step.
     """
 
     name: str
     accumulate_: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
-    soft_mask_: Callable[[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], Tensor], None]
-    scale_updates_: Callable[..., None]
+    masker: Callable[..., Callable[..., None]]
     step_kernels: Callable[[Sequence[Tensor], Sequence[Tensor]], StepKernels | None]
     head_scale: Callable[..., Tensor] = reference.head_scale
     moments: Callable[[Tensor], Tensor] = reference.moments
@@ -80,14 +82,13 @@ def _triton_ops() -> Ops:
     from spg_fast.kernels.triton.accumulate import accumulate_
     from spg_fast.kernels.triton.adam_step import AdamStep
     from spg_fast.kernels.triton.sgd_step import SGDStep
-    from spg_fast.kernels.triton.soft_mask import scale_updates_, soft_mask_
+    from spg_fast.kernels.triton.soft_mask import SoftMask
 
     steps = StepKernels(SGDStep, AdamStep)
     return Ops(
         name="triton",
         accumulate_=accumulate_,
-        soft_mask_=soft_mask_,
-        scale_updates_=scale_updates_,
+        masker=SoftMask,
         step_kernels=lambda tensors, keeps: steps,
     )
 
@@ -131,43 +132,51 @@ def _native_steps(tensors: Sequence[Tensor], keeps: Sequence[Tensor]) -> StepKer
     return StepKernels(sgd_step.SGDStep, adam_step.AdamStep)
 
 
-def _soft_mask_(
-    grads: Sequence[Tensor], keeps: Sequence[Tensor], head_grads: Sequence[Tensor], scale: Tensor
-) -> None:
-    """The torch backend's soft mask: the native CPU kernel where it can serve the tensors (one
-    pass, no temporary), else the reference."""
-    from spg_fast.kernels.cpu import launch, soft_mask
+class _ReferenceMask:
+    """The reference's soft mask with the interface of a prepared one (nothing to prepare)."""
 
-    if launch.problem([*grads, *head_grads], keeps) is None and _native_allowed():
-        soft_mask.soft_mask_(grads, keeps, head_grads, scale)
-    else:
-        reference.soft_mask_(grads, keeps, head_grads, scale)
+    def __init__(
+        self,
+        xs: Sequence[Tensor],
+        keeps: Sequence[Tensor],
+        heads: Sequence[Tensor],
+        before: Sequence[Tensor] | None = None,
+        head_before: Sequence[Tensor] | None = None,
+    ) -> None:
+        self._args = (list(xs), list(keeps), list(heads), before, head_before)
+
+    def __call__(
+        self, grads: Sequence[Tensor] | None, head_grads: Sequence[Tensor] | None, scale: Tensor
+    ) -> None:
+        xs, keeps, heads, before, head_before = self._args
+        if before is None:
+            targets = (xs, heads) if grads is None else (grads, head_grads)
+            reference.soft_mask_(targets[0], keeps, targets[1], scale)
+        else:
+            reference.scale_updates_(xs, before, keeps, heads, head_before, scale)
 
 
-def _scale_updates_(
-    params: Sequence[Tensor],
-    before: Sequence[Tensor],
+def _torch_masker(
+    xs: Sequence[Tensor],
     keeps: Sequence[Tensor],
-    head_params: Sequence[Tensor],
-    head_before: Sequence[Tensor],
-    scale: Tensor,
-) -> None:
-    """The torch backend's update mask: the native CPU kernel where it can serve the tensors (one
+    heads: Sequence[Tensor],
+    before: Sequence[Tensor] | None = None,
+    head_before: Sequence[Tensor] | None = None,
+) -> Callable[..., None]:
+    """The torch backend's prepared mask: the native CPU kernel where it can serve the tensors (one
     pass, no temporary), else the reference."""
     from spg_fast.kernels.cpu import launch, soft_mask
 
-    tensors = [*params, *before, *head_params, *head_before]
-    if launch.problem(tensors, keeps) is None and _native_allowed():
-        soft_mask.scale_updates_(params, before, keeps, head_params, head_before, scale)
-    else:
-        reference.scale_updates_(params, before, keeps, head_params, head_before, scale)
+    tensors = [*xs, *heads, *(before or ()), *(head_before or ())]
+    if tensors and launch.problem(tensors, keeps) is None and _native_allowed():
+        return soft_mask.SoftMask(xs, keeps, heads, before, head_before)
+    return _ReferenceMask(xs, keeps, heads, before, head_before)
 
 
 TORCH_OPS = Ops(
     name="torch",
     accumulate_=reference.accumulate_,
-    soft_mask_=_soft_mask_,
-    scale_updates_=_scale_updates_,
+    masker=_torch_masker,
     step_kernels=_native_steps,
 )
 

@@ -35,6 +35,7 @@ from spg_fast._importance_pass import HeadSums, LossFn, checked_loss
 from spg_fast.reference import merge_moments
 
 _END = object()
+_PLAIN = (Tensor, nn.Parameter)
 
 
 def _dtensor_type() -> type | None:
@@ -53,6 +54,8 @@ def is_sharded(t: Tensor) -> bool:
 def local(t: Tensor) -> Tensor:
     """This process's shard of ``t`` (the tensor itself when it is not a DTensor); shares
     ``t``'s memory."""
+    if type(t) in _PLAIN:  # the common case, without looking up DTensor
+        return t
     return t.to_local() if is_sharded(t) else t
 
 

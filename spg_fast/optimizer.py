@@ -28,7 +28,12 @@ class Masker(Protocol):
 
     def mask_gradients(self, params: Iterable[Tensor] | None = None) -> None: ...
 
-    def _scale_updates(self, params: Sequence[Tensor], before: Sequence[Tensor]) -> None: ...
+    @property
+    def _generation(self) -> int: ...
+
+    def _update_masker(
+        self, params: Sequence[Tensor], before: Sequence[Tensor]
+    ) -> Callable[[], None]: ...
 
     def _check_parameters(self, params: Iterable[Tensor], where: str) -> None: ...
 
@@ -64,7 +69,8 @@ class StepMask:
     ``before(closure)`` runs before the step: gradient-mode groups get their gradients masked (after
     every call of the closure, when there is one); update-mode groups get their parameters copied
     into snapshot buffers. ``after()`` runs after the step: the change each update-mode parameter
-    made is scaled (``SPG._scale_updates``). The snapshot buffers are allocated once per parameter,
+    made is scaled (``SPG._update_masker``, prepared once for the same parameters and mask). The
+    snapshot buffers are allocated once per parameter,
     the first time it is masked on its update, and kept (one parameter-sized buffer each: the
     memory update masking costs around an optimizer that cannot do it in its own step, which
     ``spg_fast.optim`` does). Before the first ``end_task`` nothing is done or allocated.
@@ -76,7 +82,8 @@ class StepMask:
         self._optimizer = optimizer
         self.mask = mask
         self._snapshots: dict[Tensor, Tensor] = {}
-        self._pending: tuple[list[Tensor], list[Tensor]] | None = None
+        self._updater: tuple[tuple, tuple[list, list, Callable[[], None]]] | None = None
+        self._pending: Callable[[], None] | None = None
 
     def modes(self) -> list[str]:
         """The mode of each param group now."""
@@ -102,9 +109,9 @@ class StepMask:
             # makes the gradients, so every parameter is snapshotted.
             moving = update if closure is not None else [p for p in update if p.grad is not None]
             if moving:
-                snapshots = [self._snapshot(p) for p in moving]
-                torch._foreach_copy_(snapshots, [sharded.local(p) for p in moving])
-                self._pending = (moving, snapshots)
+                snapshots, local, scale_the_change = self._update_plan(moving)
+                torch._foreach_copy_(snapshots, local)
+                self._pending = scale_the_change
         if not gradient:
             return closure
         if closure is None:
@@ -121,9 +128,20 @@ class StepMask:
     def after(self) -> None:
         """Scale the change the step made to each parameter snapshotted by ``before``."""
         if self._pending is not None:
-            params, snapshots = self._pending
-            self._pending = None
-            self._spg._scale_updates(params, snapshots)
+            scale_the_change, self._pending = self._pending, None
+            scale_the_change()
+
+    def _update_plan(
+        self, params: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], Callable[[], None]]:
+        """The snapshot buffers of ``params``, their local tensors and SPG's update mask prepared
+        for both; kept while the same parameters move and the mask is unchanged."""
+        key = (tuple(map(id, params)), self._spg._generation)
+        if self._updater is None or self._updater[0] != key:
+            snapshots = [self._snapshot(p) for p in params]
+            local = [sharded.local(p) for p in params]
+            self._updater = (key, (snapshots, local, self._spg._update_masker(params, snapshots)))
+        return self._updater[1]
 
     def _snapshot(self, p: Tensor) -> Tensor:
         buffer = self._snapshots.get(p)

@@ -263,43 +263,61 @@ class SPG:
                 parameter); those without a gradient are skipped.
 
         Shared gradients are multiplied by ``1 - A``, head gradients by ``1 - mean(A)``; before the
-        first ``end_task`` nothing changes. One vectorised call, no host synchronisation.
+        first ``end_task`` nothing changes. No host synchronisation; the backend's launch is
+        prepared once for the same parameters and reused while the mask is unchanged.
         """
         if self._head_scale is None:
             return
-        shared, keeps, heads = self._mask_split(
-            list(self._slots) if params is None else list(params)
-        )
-        for p in (*shared, *heads):
-            if p.grad is not None and p.grad.is_sparse:
-                raise TypeError(
-                    f"SPG.mask_gradients: parameter {self._name_of(p)!r} has a sparse gradient, "
-                    "which SPG does not support"
-                )
-        grads = [p.grad for p in shared]
-        head_grads = [sharded.local(p.grad) for p in heads if p.grad is not None]
-        if any(g is None for g in grads):
-            keeps = [k for k, g in zip(keeps, grads, strict=True) if g is not None]
-            grads = [g for g in grads if g is not None]
-        self._ops.soft_mask_([sharded.local(g) for g in grads], keeps, head_grads, self._head_scale)
-
-    @torch.no_grad()
-    def _scale_updates(self, params: Sequence[Tensor], before: Sequence[Tensor]) -> None:
-        """``p <- before + keep * (p - before)`` for each parameter (heads: the head scale): the
-        update mask of the change an optimizer step made; ``before`` (local shards, the values
-        before the step) may be overwritten. Before the first ``end_task`` nothing changes."""
-        if self._head_scale is None:
-            return
-        shared, keeps, heads = self._mask_split(list(params))
-        start = dict(zip(map(id, params), before, strict=True))
-        self._ops.scale_updates_(
-            [sharded.local(p) for p in shared],
-            [start[id(p)] for p in shared],
-            keeps,
-            [sharded.local(p) for p in heads],
-            [start[id(p)] for p in heads],
+        present = [p for p in (self._slots if params is None else params) if p.grad is not None]
+        sparse = next((p for p in present if p.grad.is_sparse), None)
+        if sparse is not None:
+            raise TypeError(
+                f"SPG.mask_gradients: parameter {self._name_of(sparse)!r} has a sparse gradient, "
+                "which SPG does not support"
+            )
+        shared, heads, masker = self._gradient_masker(present)
+        masker(
+            [sharded.local(p.grad) for p in shared],
+            [sharded.local(p.grad) for p in heads],
             self._head_scale,
         )
+
+    def _gradient_masker(
+        self, params: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], Callable[..., None]]:
+        """``params`` split into shared ones and heads, and the backend's mask prepared for their
+        gradients; cached with ``_mask_split``'s key (the same parameters, the same mask)."""
+        key = (tuple(map(id, params)), self._generation)
+        cached = self.__dict__.get("_masker_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        shared, keeps, heads = self._mask_split(params)
+        local = [sharded.local(p) for p in shared], [sharded.local(p) for p in heads]
+        entry = (shared, heads, self._ops.masker(local[0], keeps, local[1]))
+        self._masker_cache = (key, entry)
+        return entry
+
+    def _update_masker(
+        self, params: Sequence[Tensor], before: Sequence[Tensor]
+    ) -> Callable[[], None]:
+        """The update mask of the change an optimizer step makes to ``params``, prepared: calling
+        it sets ``p <- before + keep * (p - before)`` for each parameter (heads: the head scale),
+        where ``before`` (local shards: buffers the caller keeps and fills with the values before
+        each step) may be overwritten. The caller caches it while ``_generation`` is unchanged;
+        before the first ``end_task`` it does nothing."""
+        if self._head_scale is None:
+            return _nothing
+        shared, keeps, heads = self._mask_split(list(params))
+        start = dict(zip(map(id, params), before, strict=True))
+        masker = self._ops.masker(
+            [sharded.local(p) for p in shared],
+            keeps,
+            [sharded.local(p) for p in heads],
+            [start[id(p)] for p in shared],
+            [start[id(p)] for p in heads],
+        )
+        scale = self._head_scale
+        return lambda: masker(None, None, scale)
 
     # ------------------------------------------------------------- end task
     def end_task(
@@ -655,6 +673,10 @@ def _nonfinite(
         f"{setting.where(done)}; every loss was finite, so the backward pass produced it (an "
         f"overflow, or a hook or autograd function); the accumulated importance is unchanged{every}"
     )
+
+
+def _nothing() -> None:
+    return None
 
 
 def _logit_sum(logits: Tensor, _target: Tensor) -> Tensor:

@@ -186,9 +186,11 @@ static inline float from_bits(uint32_t bits) {
   }                                                                                               \
                                                                                                   \
   /* x *= keep (update 0: x are gradients), or x = before + keep * (x - before) (update 1: x are   \
-   * parameters a step changed, `grad` holds their values before it). */                          \
-  void spg_soft_mask_##SUFFIX(tensors_t t, T head, int update, int nthreads) {                    \
-    PARALLEL_PIECES(&t, nthreads, mask_piece_##SUFFIX, head, update);                             \
+   * parameters a step changed, `grad` holds their values before it); heads by *head, read here    \
+   * so that the caller never reads a tensor's value. */                                          \
+  void spg_soft_mask_##SUFFIX(tensors_t t, const T *head, int update, int nthreads) {             \
+    const T scale = *head;                                                                        \
+    PARALLEL_PIECES(&t, nthreads, mask_piece_##SUFFIX, scale, update);                            \
   }
 
 DEFINE_STEPS(float, f32_f32, sqrtf, fmaf, float, KEEP_FLOAT)

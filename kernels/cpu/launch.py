@@ -114,9 +114,11 @@ class Table:
         slots = [*buffers, [], [], []][:3]
         self._grads = _pointers([], n)
         self._grad_pointers: list[int] = []
+        self._target_pointers = [p.data_ptr() for p in params]
         self._aux = (ctypes.c_double * n)()
+        self._param_array = _pointers(params, n)
         self.table = _Tensors(
-            _pointers(params, n),
+            self._param_array,
             self._grads,
             _pointers(keeps, n),
             *(_pointers(b, n) for b in slots),
@@ -151,6 +153,19 @@ class Table:
             raise ValueError(f"{self._what}: {reason}")
         self._grads[:] = pointers
         self._grad_pointers = pointers
+
+    def retarget(self, targets: Sequence[Tensor]) -> None:
+        """Point the table's main list at ``targets`` (laid out as the tensors it was built for):
+        the soft mask of gradients masks this call's gradients in place."""
+        pointers = [t.data_ptr() for t in targets]
+        if pointers == self._target_pointers:
+            return
+        self._check_sizes(targets, self._params)
+        reason = problem([*self._params[:1], *targets])
+        if reason:
+            raise ValueError(f"{self._what}: {reason}")
+        self._param_array[: len(pointers)] = pointers
+        self._target_pointers = pointers
 
     def set_aux(self, values: Sequence[float]) -> None:
         """The per-tensor auxiliary values (SGD's first-step flags)."""

@@ -274,6 +274,7 @@ class AdamStep:
             list(t) for t in (params, params, keeps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
         ]
         self._steps = list(steps)
+        self._mutated = [t for lst in (self._lists[0], *self._lists[3:]) for t in lst]
         self._device = params[0].device if params else None
         fits = bool(params) and LaunchPlan.fits(self._lists)
         self._plan = LaunchPlan(self._lists, self._device, self._steps) if fits else None
@@ -342,10 +343,9 @@ class AdamStep:
                 amsgrad,
                 maximize,
             )
-        state = self._lists[3:]
-        for originals, w in zip((params, *state), (work[0], *work[3:]), strict=True):
+        for originals, w in zip((params, *self._lists[3:]), (work[0], *work[3:]), strict=True):
             write_back(originals, w)
-        torch.autograd.graph.increment_version([*params, *(t for s in state for t in s)])
+        torch.autograd.graph.increment_version(self._mutated)
 
 
 def _launch(

@@ -192,7 +192,8 @@ class LaunchPlan:
         self._values = [_pointers(lst, length) for lst in self._lists]
         self.pointers = tuple(to_device(v, device) for v in self._values)
         self.tile_tensor, self.tile_start, self.numels = tile_table(lists[0], device, block)
-        self.aligned = aligned(p for v in self._values for p in v)
+        self._aligned = [aligned(v) for v in self._values]
+        self.aligned = all(self._aligned)
 
     @staticmethod
     def fits(lists: Sequence[Sequence[Tensor]]) -> bool:
@@ -210,12 +211,14 @@ class LaunchPlan:
         if values == self._values[index]:
             return True
         reference = self._lists[0]
-        if len(tensors) != len(reference) or not all(
-            t.stride() == r.stride() or same_layout(t, r)
-            for t, r in zip(tensors, reference, strict=True)
-        ):
+        if len(tensors) != len(reference):
             return False
-        _check([tensors], self.device, ())
+        device, plain = self.device, (Tensor, torch.nn.Parameter)
+        for t, r in zip(tensors, reference, strict=True):  # one pass: what the kernel can address
+            if type(t) not in plain or t.device != device:
+                _check([tensors], device, ())  # raises, naming the tensor
+            if t.stride() != r.stride() and not same_layout(t, r):
+                return False
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "a multi-tensor launch's tensors moved while a CUDA graph was being captured; "
@@ -225,7 +228,8 @@ class LaunchPlan:
         self.pointers[index].copy_(to_device(values, self.device), non_blocking=True)
         self._values[index] = values
         self._lists[index] = list(tensors)
-        self.aligned = aligned(p for v in self._values for p in v)
+        self._aligned[index] = aligned(values)
+        self.aligned = all(self._aligned)
         return True
 
 

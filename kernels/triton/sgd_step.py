@@ -185,6 +185,7 @@ class SGDStep:
     ) -> None:
         self._lists = [list(params), list(params), list(keeps), list(momentum_buffers)]
         self._device = params[0].device if params else None
+        self._mutated = [*params, *momentum_buffers]
         # The gradients' table starts out pointing at the parameters; the first call re-points it.
         fits = bool(params) and LaunchPlan.fits(self._lists)
         self._plan = LaunchPlan(self._lists, self._device) if fits else None
@@ -256,7 +257,7 @@ class SGDStep:
             )
         write_back(params, work[0])
         write_back(buffers, work[3])
-        torch.autograd.graph.increment_version([*params, *buffers])
+        torch.autograd.graph.increment_version(self._mutated)
 
 
 def _launch(

@@ -16,7 +16,14 @@ from torch import Tensor
 from spg_fast.kernels.triton.custom_ops import device_guard, in_place_op
 from spg_fast.kernels.triton.dtypes import GRAD_DTYPES, KEEP_DTYPES, check_dtypes, check_pairs
 from spg_fast.kernels.triton.masked_step import kept
-from spg_fast.kernels.triton.multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, plan_for, write_back
+from spg_fast.kernels.triton.multi_tensor import (
+    BLOCK,
+    NUM_WARPS,
+    TL_DTYPES,
+    LaunchPlan,
+    plan_for,
+    write_back,
+)
 from spg_fast.kernels.triton.rounding import round_to
 from spg_fast.kernels.triton.tiles import load, store, tensor_ptr, tile_of
 
@@ -90,60 +97,104 @@ def _check(
         )
 
 
-def _launch(
-    xs: list[Tensor], befores: list[Tensor] | None, keeps: list[Tensor], scale: Tensor
-) -> None:
-    """One launch over ``xs`` of one dtype (the first ``len(keeps)`` shared, the rest heads)."""
-    lists = [xs, keeps] if befores is None else [xs, keeps, befores]
-    plan, work = plan_for(lists, scale.device)
+class _Group:
+    """The tensors of one (dtype, keep dtype) of a ``SoftMask``: their positions among the targets
+    (shared, then heads), how many are shared, and the launch plan once built."""
+
+    def __init__(self, dtype: torch.dtype, keep_dtype: torch.dtype) -> None:
+        self.xdt, self.adt = TL_DTYPES[dtype], TL_DTYPES[keep_dtype]
+        self.shared: list[int] = []
+        self.heads: list[int] = []
+        self.keeps: list[Tensor] = []
+        self.plan: LaunchPlan | None = None
+
+    @property
+    def positions(self) -> list[int]:
+        return self.shared + self.heads
+
+
+class SoftMask:
+    """SPG's mask prepared for fixed tensors: the targets (``xs`` shared, their stored keep factors
+    ``keeps``, then ``heads``), one launch per (dtype, keep dtype), each plan built once.
+
+    Without ``before`` it masks gradients, ``g *= keep``: call it with each step's gradients of the
+    targets, laid out as the targets (the plan is re-pointed at them). With ``before`` (values
+    before a step, one buffer per target, kept where they are) it masks the change a step made,
+    ``p = before + keep * (p - before)``: call it with no gradients. ``scale`` is the head scale."""
+
+    def __init__(
+        self,
+        xs: Sequence[Tensor],
+        keeps: Sequence[Tensor],
+        heads: Sequence[Tensor],
+        before: Sequence[Tensor] | None = None,
+        head_before: Sequence[Tensor] | None = None,
+    ) -> None:
+        self._targets = [*xs, *heads]
+        self._before = None if before is None else [*before, *head_before]
+        groups: dict[tuple[torch.dtype, torch.dtype], _Group] = {}
+        for i, (x, k) in enumerate(zip(xs, keeps, strict=True)):
+            if x.numel():
+                group = groups.setdefault((x.dtype, k.dtype), _Group(x.dtype, k.dtype))
+                group.shared.append(i)
+                group.keeps.append(k)
+        for i, x in enumerate(heads, start=len(xs)):
+            if x.numel():
+                key = next((k for k in groups if k[0] == x.dtype), (x.dtype, torch.float32))
+                groups.setdefault(key, _Group(*key)).heads.append(i)
+        self._groups = list(groups.values())
+        for group in self._groups:
+            lists = self._lists(group, self._targets)
+            if LaunchPlan.fits(lists):
+                group.plan = LaunchPlan(lists, lists[0][0].device)
+
+    def _lists(self, group: _Group, targets: Sequence[Tensor]) -> list[list[Tensor]]:
+        xs = [targets[i] for i in group.positions]
+        if self._before is None:
+            return [xs, group.keeps]
+        return [xs, group.keeps, [self._before[i] for i in group.positions]]
+
+    def __call__(
+        self, grads: Sequence[Tensor] | None, head_grads: Sequence[Tensor] | None, scale: Tensor
+    ) -> None:
+        targets = self._targets if grads is None else [*grads, *head_grads]
+        if len(targets) != len(self._targets):
+            raise ValueError(
+                f"soft mask: prepared for {len(self._targets)} tensors, called with {len(targets)}"
+            )
+        with device_guard(scale.device):
+            for group in self._groups:
+                xs = [targets[i] for i in group.positions]
+                if group.plan is not None and (grads is None or group.plan.refresh(0, xs)):
+                    plan, work = group.plan, None
+                else:
+                    plan, work = plan_for(self._lists(group, targets), scale.device)
+                _launch(plan, group, scale, self._before is not None)
+                if work is not None:
+                    write_back(xs, work[0])
+
+
+def _launch(plan: LaunchPlan, group: _Group, scale: Tensor, update: bool) -> None:
+    """One launch over a group's targets (the first ``len(group.shared)`` shared, then heads)."""
     x_ptrs, a_ptrs = plan.pointers[:2]
     _soft_mask[plan.grid](
         x_ptrs,
-        plan.pointers[2] if befores is not None else x_ptrs,
+        plan.pointers[2] if update else x_ptrs,
         a_ptrs,
         plan.numels,
         plan.tile_tensor,
         plan.tile_start,
         scale,
-        len(keeps),
-        XDT=TL_DTYPES[work[0][0].dtype],
-        ADT=TL_DTYPES[keeps[0].dtype] if keeps else tl.float32,
-        UPDATE=befores is not None,
+        len(group.shared),
+        XDT=group.xdt,
+        ADT=group.adt,
+        UPDATE=update,
         BLOCK=BLOCK,
         ALIGNED=plan.aligned,
         num_warps=NUM_WARPS,
         # No fused multiply-add: ``before + keep * change`` rounds the product, as the reference.
         enable_fp_fusion=False,
     )
-    write_back(xs, work[0])
-
-
-def _by_dtype(
-    xs: Sequence[Tensor],
-    befores: Sequence[Tensor] | None,
-    keeps: Sequence[Tensor],
-    heads: Sequence[Tensor],
-    head_befores: Sequence[Tensor] | None,
-    scale: Tensor,
-) -> None:
-    """One launch per (tensor dtype, keep dtype): shared tensors first, then heads."""
-    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list, list, list]] = {}
-    update = befores is not None
-    for i, (x, k) in enumerate(zip(xs, keeps, strict=True)):
-        if x.numel():
-            entry = groups.setdefault((x.dtype, k.dtype), ([], [], []))
-            entry[0].append(x)
-            entry[1].append(k)
-            entry[2].append(befores[i] if update else None)
-    for i, x in enumerate(heads):
-        if x.numel():
-            key = next((k for k in groups if k[0] == x.dtype), (x.dtype, torch.float32))
-            entry = groups.setdefault(key, ([], [], []))
-            entry[0].append(x)
-            entry[2].append(head_befores[i] if update else None)
-    with device_guard(scale.device):
-        for group_xs, group_keeps, group_befores in groups.values():
-            _launch(group_xs, group_befores if update else None, group_keeps, scale)
 
 
 def _soft_mask_impl(
@@ -152,7 +203,7 @@ def _soft_mask_impl(
     """Triton ``spg_fast.reference.soft_mask_``: ``g *= keep`` per shared pair, ``g *= scale`` per
     head gradient, in place."""
     _check("soft_mask_", grads, keeps, head_grads, scale)
-    _by_dtype(grads, None, keeps, head_grads, None, scale)
+    SoftMask(grads, keeps, head_grads)(None, None, scale)
 
 
 def _scale_updates_impl(
@@ -168,7 +219,7 @@ def _scale_updates_impl(
     _check("scale_updates_", params, keeps, head_params, scale)
     check_pairs("scale_updates_", params, before, ("parameters", "values before the step"))
     check_pairs("scale_updates_", head_params, head_before, ("heads", "values before the step"))
-    _by_dtype(params, before, keeps, head_params, head_before, scale)
+    SoftMask(params, keeps, head_params, before, head_before)(None, None, scale)
 
 
 soft_mask_ = in_place_op("soft_mask_", _soft_mask_impl, ("grads", "head_grads"))

@@ -79,6 +79,7 @@ class Batch:
     first_step: list[bool]  # per parameter: no state before this step
     keys: list[Tensor]  # the parameters as the optimizer holds them (DTensors under FSDP2)
     fused: Callable[..., None] | None  # the backend's fused step, prepared; None: the fallback
+    update_mask: Callable[[], None] | None = None  # the fallback's update mask, once prepared
 
     def grads(self) -> list[Tensor]:
         """The gradients, laid out as ``params``."""
@@ -242,7 +243,9 @@ class MaskedOptimizer(Optimizer):
         snapshots = [self._snapshot(p) for p in batch.params]
         torch._foreach_copy_(snapshots, batch.params)
         self.torch_step(group, batch, grad_scale, found_inf)
-        self.spg._scale_updates(batch.keys, snapshots)
+        if batch.update_mask is None:  # prepared once per plan, with its snapshot buffers
+            batch.update_mask = self.spg._update_masker(batch.keys, snapshots)
+        batch.update_mask()
 
     def _snapshot(self, p: Tensor) -> Tensor:
         buffer = self._snapshots.get(p)
