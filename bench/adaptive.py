@@ -56,6 +56,7 @@ OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
         params, lr=lr
     ),  # torch's default weight decay 0.01
 }
+STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 # SGD's and SGD-momentum's rates are the harness's quick-protocol ones
 # (spg_fast.harness.protocol.QUICK_LR); 1e-3 is Adam's usual rate.
 DEFAULT_OPTIMIZERS = "sgd:0.1,sgd-momentum:0.01,adam:1e-3,adamw:1e-3"
@@ -104,6 +105,7 @@ class Config:
     tasks: int | None  # the first this many tasks of each sequence (None: all)
     backbone: str = "mlp"
     threads: int = 1
+    importance_dtype: str = "float32"  # SPG's storage of the keep factors (spg_fast.storage)
 
 
 def run_one(
@@ -115,7 +117,8 @@ def run_one(
     model = build_model(cfg.backbone, seq.input_shape, [t.n_classes for t in seq.tasks])
     generator = torch.Generator().manual_seed(seed)
     inputs = Inputs(seq, TrainConfig(batch_size=cfg.batch_size), torch.device("cpu"))
-    spg = SPG(model, heads=model.heads) if method != "finetune" else None
+    storage = STORAGE[cfg.importance_dtype]
+    spg = SPG(model, heads=model.heads, importance_dtype=storage) if method != "finetune" else None
     matrix: list[list[float]] = []
     for task, data in enumerate(tasks):
         step = _step(method, spg, optimizer, model.parameters(), lr)
@@ -182,7 +185,8 @@ def _markdown(
     lines = [
         f"# SPG under SGD, SGD-momentum, Adam and AdamW{partial}",
         "",
-        f"{cfg.backbone} with one head per task; {cfg.epochs} epochs per task at a fixed learning "
+        f"{cfg.backbone} with one head per task, SPG's keep factors stored as "
+        f"{cfg.importance_dtype}; {cfg.epochs} epochs per task at a fixed learning "
         f"rate, batch {cfg.batch_size}, a fresh optimizer per task; seeds "
         f"{', '.join(map(str, cfg.seeds))}"
         f"{'' if cfg.tasks is None else f'; first {cfg.tasks} tasks'}. Mean ± sample standard "
@@ -358,9 +362,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, required=True, help="folder for results.{md,csv,json}")
     parser.add_argument(
         "--sequences",
-        type=_choices(("digits", "digits-permuted")),
+        type=_choices(("digits", "digits-permuted", "fashion-mnist")),
         default=("digits",),
-        help="embedded sequences, comma-separated (default: digits)",
+        help="digits, digits-permuted (embedded) or fashion-mnist (Debian's dataset-fashion-mnist "
+        "or ./data), comma-separated (default: digits)",
     )
     parser.add_argument(
         "--optimizers",
@@ -385,6 +390,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--threads", type=_positive, default=1, help="torch threads (the models are tiny)"
     )
+    parser.add_argument(
+        "--importance-dtype",
+        choices=list(STORAGE),
+        default="float32",
+        help="how SPG stores its keep factors (default float32)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -399,6 +410,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.batch_size,
         args.tasks,
         threads=args.threads,
+        importance_dtype=args.importance_dtype,
     )
     torch.set_num_threads(cfg.threads)
     env = environment(cfg.threads, argv)
