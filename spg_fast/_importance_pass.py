@@ -37,7 +37,6 @@ data (the repeats included).
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -526,11 +525,9 @@ def _accumulate(sums: list[Tensor | None], grads: Sequence[Tensor | None]) -> li
     """Add one batch's gradients into a head's sums; returns the gradients present (sparse ones as
     their values).
 
-    A parameter's first gradient becomes its sum when nothing else holds its memory (``_owned``, and
-    not returned for another parameter too), as ``AccumulateGrad`` keeps the first ``.grad``;
-    otherwise it is copied."""
-    strided = [g for g in grads if g is not None and g.layout == torch.strided]
-    pointers = Counter(g.data_ptr() for g in strided)
+    A parameter's first gradient is copied into its sum, never kept as it: autograd may return a
+    tensor that something else holds (a custom function's or a hook's cached gradient; the same
+    tensor for two parameters), which later batches must not be added into."""
     add_to, add_from, present = [], [], []
     for i, g in enumerate(grads):
         if g is None:
@@ -543,22 +540,8 @@ def _accumulate(sums: list[Tensor | None], grads: Sequence[Tensor | None]) -> li
         if sums[i] is not None:
             add_to.append(sums[i])
             add_from.append(g)
-        elif pointers[g.data_ptr()] == 1 and _owned(g):
-            sums[i] = g
         else:
             sums[i] = g.clone(memory_format=torch.contiguous_format)
     if add_to:
         torch._foreach_add_(add_to, add_from)
     return present
-
-
-def _owned(g: Tensor) -> bool:
-    """Whether ``g`` (a gradient autograd just returned) is contiguous, fills its memory and is
-    referenced by nothing but its Python object: then adding into it changes no other tensor. A view
-    (autograd returns the gradient of a weight as one) qualifies when its base is referenced only by
-    the view (and the ``_base`` lookup itself)."""
-    if not g.is_contiguous() or g.untyped_storage().nbytes() != g.numel() * g.element_size():
-        return False
-    if g._use_count() != 1:
-        return False
-    return g._base is None or g._base._use_count() == 2
