@@ -20,7 +20,7 @@ from spg_fast.mask_mode import MaskMode, check_mask, resolve
 Closure = Callable[[], Any]
 
 
-class Masker(Protocol):
+class _Masker(Protocol):
     """What the integration needs of an SPG object (``spg_fast.SPG``)."""
 
     @property
@@ -42,7 +42,7 @@ class Masker(Protocol):
 _MASKED: weakref.WeakKeyDictionary[Optimizer, str] = weakref.WeakKeyDictionary()
 
 
-def register(spg: Masker, optimizer: Optimizer, how: str) -> None:
+def _register(spg: _Masker, optimizer: Optimizer, how: str) -> None:
     """Record that ``optimizer`` is masked through ``spg`` (``how``: wrap, attach, a fused
     optimizer, a callback); an optimizer already masked, by this SPG object or any other, is
     refused: it would be masked twice."""
@@ -58,11 +58,12 @@ def register(spg: Masker, optimizer: Optimizer, how: str) -> None:
     _MASKED[optimizer] = how
 
 
-def unregister(optimizer: Optimizer) -> None:
+def _unregister(optimizer: Optimizer) -> None:
+    """Forget that ``optimizer`` is masked (its masking was removed)."""
     _MASKED.pop(optimizer, None)
 
 
-class StepMask:
+class _StepMask:
     """SPG's mask around the steps of one optimizer, per param group in its mode
     (``spg_fast.mask_mode.resolve``).
 
@@ -76,7 +77,7 @@ class StepMask:
     ``spg_fast.optim`` does). Before the first ``end_task`` nothing is done or allocated.
     """
 
-    def __init__(self, spg: Masker, optimizer: Optimizer, mask: MaskMode) -> None:
+    def __init__(self, spg: _Masker, optimizer: Optimizer, mask: MaskMode) -> None:
         check_mask(mask)
         self._spg = spg
         self._optimizer = optimizer
@@ -163,7 +164,7 @@ class SPGOptimizer(Optimizer):
     around the masked step.
     """
 
-    def __init__(self, optimizer: Optimizer, spg: Masker, *, mask: MaskMode = "auto") -> None:
+    def __init__(self, optimizer: Optimizer, spg: _Masker, *, mask: MaskMode = "auto") -> None:
         check_mask(mask)
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -171,10 +172,10 @@ class SPGOptimizer(Optimizer):
             )
         if isinstance(optimizer, SPGOptimizer):
             raise TypeError("SPG.wrap: this optimizer is already an SPGOptimizer")
-        register(spg, optimizer, "wrap")
+        _register(spg, optimizer, "wrap")
         self._optimizer = optimizer
         self._spg = spg
-        self._mask = StepMask(spg, optimizer, mask)
+        self._mask = _StepMask(spg, optimizer, mask)
         # Optimizer.__setstate__ creates the hook registries and patches step; unlike __init__ it
         # does not assign param_groups or state, which here belong to the wrapped optimizer.
         super().__setstate__({})
@@ -231,8 +232,8 @@ class SPGOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         mode = state.pop("_mask_mode", "auto")
         super().__setstate__(state)
-        self._mask = StepMask(self._spg, self._optimizer, mode)
-        register(state["_spg"], self._optimizer, "wrap")
+        self._mask = _StepMask(self._spg, self._optimizer, mode)
+        _register(state["_spg"], self._optimizer, "wrap")
 
     def __repr__(self) -> str:
         return f"SPGOptimizer({self._optimizer!r}, mask={self.mask!r})"
@@ -277,9 +278,9 @@ class AttachHandle:
     """Returned by ``SPG.attach``: ``remove()`` stops the masking (also usable as a context
     manager)."""
 
-    def __init__(self, spg: Masker, optimizer: Optimizer, mask: MaskMode) -> None:
+    def __init__(self, spg: _Masker, optimizer: Optimizer, mask: MaskMode) -> None:
         self._optimizer = optimizer
-        self._mask = StepMask(spg, optimizer, mask)
+        self._mask = _StepMask(spg, optimizer, mask)
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -310,9 +311,10 @@ class AttachHandle:
         self._mask.after()
 
     def remove(self) -> None:
+        """Stop masking: remove the step hooks and let the optimizer be masked again."""
         for hook in self._hooks:
             hook.remove()
-        unregister(self._optimizer)
+        _unregister(self._optimizer)
 
     def __enter__(self) -> AttachHandle:
         return self
@@ -321,12 +323,12 @@ class AttachHandle:
         self.remove()
 
 
-def attach(spg: Masker, optimizer: Optimizer, *, mask: MaskMode = "auto") -> AttachHandle:
+def _attach(spg: _Masker, optimizer: Optimizer, *, mask: MaskMode = "auto") -> AttachHandle:
     """Make ``optimizer.step()`` apply SPG's mask, leaving the optimizer object as it is."""
     check_mask(mask)
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"SPG.attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, SPGOptimizer):
         raise TypeError("SPG.attach: this SPGOptimizer already applies SPG's mask")
-    register(spg, optimizer, "attach")
+    _register(spg, optimizer, "attach")
     return AttachHandle(spg, optimizer, mask)

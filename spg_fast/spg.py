@@ -20,7 +20,7 @@ from spg_fast._model_state import preserved
 from spg_fast._params import HeadSpec, inner_module, partition
 from spg_fast._pass_settings import PassSetting, Replicated, Sharded
 from spg_fast.mask_mode import MaskMode
-from spg_fast.optimizer import AttachHandle, SPGOptimizer, attach
+from spg_fast.optimizer import AttachHandle, SPGOptimizer, _attach
 from spg_fast.usage import Usage, usage
 
 STATE_FORMAT = 2
@@ -622,7 +622,7 @@ class SPG:
         Returns:
             A handle whose ``remove()`` stops the masking (also a context manager).
         """
-        return attach(self, optimizer, mask=mask)
+        return _attach(self, optimizer, mask=mask)
 
 
 def _default_group(model: nn.Module) -> dist.ProcessGroup | None:

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from spg_fast import _sharded as sharded
 from spg_fast._backend import StepKernels
 from spg_fast.mask_mode import MaskMode, check_mask, resolve
-from spg_fast.optimizer import register
+from spg_fast.optimizer import _register
 from spg_fast.spg import SPG
 
 
@@ -128,7 +128,7 @@ class MaskedOptimizer(Optimizer):
         self.plan_builds = 0
         super().__init__(params, defaults)
         self._step_supports_amp_scaling = True
-        register(spg, self, type(self).__name__)
+        _register(spg, self, type(self).__name__)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         items = param_group["params"]
@@ -151,7 +151,7 @@ class MaskedOptimizer(Optimizer):
         self._plans.clear()
         self._snapshots.clear()
         if "spg" in state:  # unpickled (load_state_dict lands here too, without it): register
-            register(self.spg, self, type(self).__name__)
+            _register(self.spg, self, type(self).__name__)
 
     @property
     def _plans(self) -> dict[int, _GroupPlan]:
