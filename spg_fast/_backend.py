@@ -55,11 +55,12 @@ class Ops:
     ``masker(xs, keeps, heads, before=None, head_before=None)`` prepares SPG's mask for fixed
     tensors (``spg_fast.kernels.triton.soft_mask.SoftMask``'s interface): called with each step's
     gradients it masks them; prepared with ``before`` it scales the change a step made. ``moments``
-    and ``accumulate_with_`` serve parameters sharded across processes (FSDP2), whose statistics
-    are merged before the importance is formed; both backends use the reference's for them, and
-    for ``head_scale``. ``step_kernels(tensors, keeps)`` gives the fused steps that serve a batch
-    of ``spg_fast.optim`` (every tensor the step touches, and the keep factors it reads), or None:
-    the mask around torch's fused step.
+    (of a list of tensors, ``[n, 5]``) and ``accumulate_with_`` serve parameters sharded across
+    processes (FSDP2), whose statistics are merged before the importance is formed; the Triton
+    backend runs its own statistics kernels for them. ``head_scale`` is the reference's on both.
+    ``step_kernels(tensors, keeps)`` gives the fused steps that serve a batch of ``spg_fast.optim``
+    (every tensor the step touches, and the keep factors it reads), or None: the mask around
+    torch's fused step.
     """
 
     name: str
@@ -67,7 +68,7 @@ class Ops:
     masker: Callable[..., Callable[..., None]]
     step_kernels: Callable[[Sequence[Tensor], Sequence[Tensor]], StepKernels | None]
     head_scale: Callable[..., Tensor] = reference.head_scale
-    moments: Callable[[Tensor], Tensor] = reference.moments
+    moments: Callable[[Sequence[Tensor]], Tensor] = reference.moments_of
     accumulate_with_: Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor] = (
         reference.accumulate_with_
     )
@@ -79,7 +80,7 @@ def triton_available() -> bool:
 
 @functools.cache
 def _triton_ops() -> Ops:
-    from spg_fast.kernels.triton.accumulate import accumulate_
+    from spg_fast.kernels.triton.accumulate import accumulate_, accumulate_with_, moments
     from spg_fast.kernels.triton.adam_step import AdamStep
     from spg_fast.kernels.triton.sgd_step import SGDStep
     from spg_fast.kernels.triton.soft_mask import SoftMask
@@ -90,6 +91,8 @@ def _triton_ops() -> Ops:
         accumulate_=accumulate_,
         masker=SoftMask,
         step_kernels=lambda tensors, keeps: steps,
+        moments=moments,
+        accumulate_with_=accumulate_with_,
     )
 
 

@@ -269,8 +269,8 @@ def accumulate_(
     the indices whose whole gradient is not finite, the same on every rank, with nothing in
     ``work`` changed when there are any."""
     device = work[0].device
-    none = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=device)
-    rows = torch.stack([none if h is None else ops.moments(h) for h in sums])
+    empty = torch.empty(0, device=device)  # no gradient: no elements, finite
+    rows = ops.moments([empty if h is None else h for h in sums])
     gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, rows, group=group)
     merged = merge_moments(torch.stack(gathered))

@@ -27,6 +27,7 @@ __all__ = [
     "keep_factors",
     "merge_moments",
     "moments",
+    "moments_of",
     "scale_updates_",
     "soft_mask_",
     "standardizer",
@@ -153,6 +154,13 @@ def moments(h: Tensor) -> Tensor:
     pivot, total, m2, finite = _shifted_moments(flat, _buffer(flat.numel(), h.device))
     n = torch.tensor(float(flat.numel()), dtype=torch.float64, device=h.device)
     return torch.stack([n, pivot, total / n, m2, finite.to(torch.float64)])
+
+
+def moments_of(tensors: Sequence[Tensor]) -> Tensor:
+    """``moments`` of each tensor, stacked: ``[len(tensors), 5]``."""
+    if not tensors:
+        return torch.zeros(0, 5, dtype=torch.float64)
+    return torch.stack([moments(t) for t in tensors])
 
 
 def merge_moments(parts: Tensor) -> Tensor:
