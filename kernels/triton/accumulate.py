@@ -159,7 +159,8 @@ def _update(
     pivot = tl.load(row + 1)
     mean = tl.load(row + 2)
     m2 = tl.load(row + 3)
-    inv_std = 1.0 / tl.sqrt(m2 / tl.maximum(tl.load(row + 0) - 1.0, 1.0))
+    safe = tl.where(m2 > 0.0, m2, 1.0)  # no division by zero where the result is masked anyway
+    inv_std = 1.0 / tl.sqrt(safe / tl.maximum(tl.load(row + 0) - 1.0, 1.0))
     valid = (m2 > 0.0) & (tl.abs(m2) < float("inf")) & (tl.abs(mean) < float("inf"))
     valid = valid & (tl.abs(inv_std) < float("inf"))
     pivot = tl.where(valid, pivot, 0.0)
