@@ -1,10 +1,11 @@
 """The benchmarked ops and their competitors, each built on a fresh synthetic model of given
 parameter shapes.
 
-A ``Problem`` holds one copy of everything a step touches (parameters, gradients, importance,
-optimizer state); ``IMPLEMENTATIONS[op]`` maps an implementation name to a factory
-``problem -> step()``. Importance values are uniform in [0, 1e-3) so that repeating the mask
-thousands of times does not drive gradients into denormals.
+A ``Problem`` holds one copy of everything a step touches (parameters, gradients, stored keep
+factors, optimizer state); ``IMPLEMENTATIONS[op]`` maps an implementation name to a factory
+``problem -> step()``. Keep factors are uniform in (1 - 1e-3, 1] (importance below 1e-3) so that
+repeating the mask thousands of times does not drive gradients into denormals; they are stored as
+``importance_dtype`` says (``spg_fast.storage``; float32 by default).
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ class _Model(nn.Module):
 
 @dataclass
 class Problem:
+    """``keeps``: SPG's stored keep factors (what its kernels read); ``factors``: the same decoded
+    to float tensors (what torch's own ops multiply by)."""
+
     model: _Model
     spg: SPG
     params: list[Tensor]
     grads: list[Tensor]
-    importance: list[Tensor]
     keeps: list[Tensor]
+    factors: list[Tensor]
 
     @property
     def numel(self) -> int:
@@ -47,24 +51,23 @@ class Problem:
 
 
 def make_problem(
-    shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    importance_dtype: torch.dtype | None = None,
 ) -> Problem:
     model = _Model(shapes, dtype, device)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    spg = SPG(model, heads="head")
-    importance = {
-        n: torch.rand(p.shape, device=device) * 1e-3 for n, p in spg.shared_parameters.items()
+    spg = SPG(model, heads="head", importance_dtype=importance_dtype)
+    keep = {
+        n: 1 - torch.rand(p.shape, device=device) * 1e-3 for n, p in spg.shared_parameters.items()
     }
-    spg.load_state_dict({"format": 1, "tasks_finished": 1, "importance": importance})
+    spg.load_state_dict({"format": 2, "tasks_finished": 1, "keep": keep})
     params = list(model.shared)
+    keeps = list(spg.keep_factors.values())
     return Problem(
-        model,
-        spg,
-        params,
-        [p.grad for p in params],
-        list(spg.importance.values()),
-        reference.keep_factors(list(spg.importance.values())),
+        model, spg, params, [p.grad for p in params], keeps, reference.keep_factors(keeps)
     )
 
 
@@ -120,8 +123,8 @@ MODEL_SHAPES = {"resnet50": resnet50_shapes, "transformer-1b": transformer_1b_sh
 
 def _eager_mask(pr: Problem) -> Callable[[], None]:
     def step() -> None:
-        for g, a in zip(pr.grads, pr.importance, strict=True):
-            g.mul_(1 - a)
+        for g, k in zip(pr.grads, pr.factors, strict=True):
+            g.mul_(k)
 
     return step
 
@@ -129,28 +132,36 @@ def _eager_mask(pr: Problem) -> Callable[[], None]:
 def _masked_then(
     optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
 ) -> Callable[[Problem], Callable]:
+    """SPG's mask around torch's step (``spg.wrap``, ``mask="auto"``: the gradient mask for SGD
+    without weight decay, the update mask for AdamW, as spg-fast's fused steps)."""
+
     def build(pr: Problem) -> Callable[[], None]:
-        opt = optimizer(pr.params)
-
-        def step() -> None:
-            pr.spg.mask_gradients(pr.params)
-            opt.step()
-
-        return step
+        return pr.spg.wrap(optimizer(pr.params)).step
 
     return build
 
 
 def _compiled_masked(
-    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], update: bool
 ) -> Callable[[Problem], Callable]:
+    """The masked step written with torch's own ops and compiled: the gradient times the keep
+    factor before the step, or (``update``) the change the step made scaled by it."""
+
     def build(pr: Problem) -> Callable[[], None]:
         opt = optimizer(pr.params)
+        before = [torch.empty_like(p) for p in pr.params]
 
         @torch.compile
         def step() -> None:
-            torch._foreach_mul_(pr.grads, pr.keeps)
-            opt.step()
+            if update:
+                torch._foreach_copy_(before, pr.params)
+                opt.step()
+                torch._foreach_sub_(pr.params, before)
+                torch._foreach_mul_(pr.params, pr.factors)
+                torch._foreach_add_(pr.params, before)
+            else:
+                torch._foreach_mul_(pr.grads, pr.factors)
+                opt.step()
 
         return step
 
@@ -175,28 +186,33 @@ def _plain(
 
 def _importance_with(fn: Callable) -> Callable[[Problem], Callable]:
     def build(pr: Problem) -> Callable[[], None]:
-        return lambda: fn(pr.importance, pr.grads)
+        return lambda: fn(pr.keeps, pr.grads)
 
     return build
 
 
 def _spg_importance(pr: Problem) -> Callable[[], None]:
     ops = resolve_backend(
-        "auto", list(zip(map(str, range(len(pr.params))), pr.params, strict=True))
+        "auto",
+        list(zip(map(str, range(len(pr.params))), pr.params, strict=True)),
+        pr.spg.importance_dtype,
     )
-    return lambda: ops.importance_max_(pr.importance, pr.grads)
+    return lambda: ops.accumulate_(pr.keeps, pr.grads)
 
 
 def _optimizer_competitors(
-    ours: type, theirs: type, kwargs: dict
+    ours: type, theirs: type, kwargs: dict, update: bool
 ) -> dict[str, Callable[[Problem], Callable]]:
-    """spg-fast's fused masked step against mask + torch's foreach and fused steps, the compiled
-    masked step, and torch's unmasked steps (the cost of the mask itself)."""
+    """spg-fast's fused masked step against SPG's mask around torch's foreach and fused steps, the
+    compiled masked step, and torch's unmasked steps (the cost of the mask itself); ``update``: the
+    mode ``mask="auto"`` picks for this optimizer."""
     return {
         "spg-fast fused": _fused(ours, **kwargs),
         "mask + torch foreach": _masked_then(lambda p: theirs(p, foreach=True, **kwargs)),
         "mask + torch fused": _masked_then(lambda p: theirs(p, fused=True, **kwargs)),
-        "torch.compile(mask + step)": _compiled_masked(lambda p: theirs(p, foreach=True, **kwargs)),
+        "torch.compile(mask + step)": _compiled_masked(
+            lambda p: theirs(p, foreach=True, **kwargs), update
+        ),
         "unmasked torch fused": _plain(lambda p: theirs(p, fused=True, **kwargs)),
         "unmasked torch foreach": _plain(lambda p: theirs(p, foreach=True, **kwargs)),
     }
@@ -209,15 +225,19 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable[[Problem], Callable[[], object]]]]
     "mask": {
         "spg-fast": lambda pr: lambda: pr.spg.mask_gradients(pr.params),
         "eager loop": _eager_mask,
-        "torch._foreach_mul_": lambda pr: lambda: torch._foreach_mul_(pr.grads, pr.keeps),
+        "torch._foreach_mul_": lambda pr: lambda: torch._foreach_mul_(pr.grads, pr.factors),
         "torch.compile": lambda pr: torch.compile(_eager_mask(pr)),
     },
-    "sgd_momentum_masked": _optimizer_competitors(spg_fast.optim.SGD, torch.optim.SGD, SGD),
-    "adamw_masked": _optimizer_competitors(spg_fast.optim.AdamW, torch.optim.AdamW, ADAMW),
+    "sgd_momentum_masked": _optimizer_competitors(
+        spg_fast.optim.SGD, torch.optim.SGD, SGD, update=False
+    ),
+    "adamw_masked": _optimizer_competitors(
+        spg_fast.optim.AdamW, torch.optim.AdamW, ADAMW, update=True
+    ),
     "importance": {
         "spg-fast": _spg_importance,
-        "reference": _importance_with(reference.importance_max_),
-        "torch.compile(reference)": _importance_with(torch.compile(reference.importance_max_)),
+        "reference": _importance_with(reference.accumulate_),
+        "torch.compile(reference)": _importance_with(torch.compile(reference.accumulate_)),
     },
 }
 

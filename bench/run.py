@@ -62,12 +62,8 @@ def _step_path(device: torch.device) -> str:
     """Which implementation spg_fast.optim steps with on this device
     (spg_fast._backend.Ops.step_kernels)."""
     ops = resolve_backend("auto", [("p", torch.zeros(1, device=device))])
-    kernels = ops.step_kernels([torch.zeros(1, device=device)])
-    return (
-        kernels.sgd_step_.__module__
-        if kernels is not None
-        else "mask .grad, then torch's fused step"
-    )
+    kernels = ops.step_kernels([torch.zeros(1, device=device)], [])
+    return kernels.sgd.__module__ if kernels is not None else "SPG's mask around torch's fused step"
 
 
 def measure(

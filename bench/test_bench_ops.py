@@ -17,10 +17,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("keep", [None, torch.uint8], ids=["keep_f32", "keep_u8"])
 @pytest.mark.parametrize("op, impl", CASES, ids=[f"{op}-{impl}" for op, impl in CASES])
-def test_op(benchmark, op, impl):
+def test_op(benchmark, op, impl, keep):
     torch.set_flush_denormal(True)
-    problem = make_problem(synthetic_shapes(300_000, chunk=65_536), torch.float32, DEVICE)
+    shapes = synthetic_shapes(300_000, chunk=65_536)
+    problem = make_problem(shapes, torch.float32, DEVICE, importance_dtype=keep)
     step = IMPLEMENTATIONS[op][impl](problem)
 
     def run() -> None:
@@ -29,4 +31,5 @@ def test_op(benchmark, op, impl):
             torch.cuda.synchronize()
 
     benchmark.extra_info["params"] = problem.numel
+    benchmark.extra_info["keep"] = str(problem.keeps[0].dtype)
     benchmark(run)

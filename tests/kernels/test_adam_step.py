@@ -1,5 +1,6 @@
-"""The masked Adam/AdamW step kernels (Triton and native CPU) against torch's fused Adam/AdamW run
-in float64 on the masked gradient."""
+"""The masked Adam/AdamW step kernels (Triton and native CPU), reading stored keep factors in every
+format, against torch's fused Adam/AdamW run in float64: on the masked gradient (gradient mode), or
+on the unmasked gradient with the change then scaled (update mode)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import pytest
 import torch
 
 from spg_fast import reference
-from tests.kernels.step_cases import CASES, IMPLS, N_SHARED, assert_close, problem
+from tests.kernels.step_cases import (
+    IMPLS,
+    MODES,
+    N_SHARED,
+    assert_close,
+    cases,
+    copies64,
+    problem,
+)
 
-CONFIGS = {
-    "adam": dict(
+CONFIGS = [
+    dict(
         lr=1e-2,
         beta1=0.9,
         beta2=0.999,
@@ -20,7 +29,7 @@ CONFIGS = {
         amsgrad=False,
         maximize=False,
     ),
-    "adam-wd-amsgrad-maximize": dict(
+    dict(
         lr=1e-2,
         beta1=0.8,
         beta2=0.99,
@@ -30,7 +39,7 @@ CONFIGS = {
         amsgrad=True,
         maximize=True,
     ),
-    "adamw": dict(
+    dict(
         lr=1e-2,
         beta1=0.9,
         beta2=0.999,
@@ -40,10 +49,23 @@ CONFIGS = {
         amsgrad=False,
         maximize=False,
     ),
-}
+    # GradScaler's scale divided out; AdamW with amsgrad.
+    dict(
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.1,
+        decoupled=True,
+        amsgrad=True,
+        maximize=False,
+    ),
+]
+GRAD_SCALED = 3
 # beta2 = 0 (and beta1 = 0): v = g * g, so a tiny masked gradient underflows float32 whatever the
-# implementation; checked against "mask .grad, then torch's float32 fused Adam" instead of the
-# float64 oracle.
+# implementation; checked against "mask .grad, then torch's float32 fused Adam" (gradient mode) and
+# "torch's float32 fused Adam, then reference.scale_updates_" (update mode) instead of the float64
+# oracle.
 BETAS_ZERO = dict(
     lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False
 )
@@ -62,57 +84,61 @@ def _state(case, amsgrad):
     return exp_avgs, exp_avg_sqs, maxes if amsgrad else [], steps
 
 
-@pytest.mark.parametrize("impl, dtype", CASES)
-@pytest.mark.parametrize(
-    "config, grad_scale", [*((c, None) for c in CONFIGS), ("adam-wd-amsgrad-maximize", 1024.0)]
-)
-def test_matches_torch_in_float64(impl, dtype, config, grad_scale):
+@pytest.mark.parametrize("impl, dtype, keep_dtype, update, config", cases(len(CONFIGS)))
+def test_matches_torch_in_float64(impl, dtype, keep_dtype, update, config):
     hyper = dict(CONFIGS[config])
-    case = problem(impl, dtype, 2, grad_scale)
+    grad_scale = 1024.0 if config == GRAD_SCALED else None
+    case = problem(impl, dtype, 2, grad_scale, keep_dtype)
     exp_avgs, exp_avg_sqs, maxes, steps = _state(case, hyper["amsgrad"])
-    copies = [[t.double().cpu() for t in ts] for ts in (case.params, exp_avgs, exp_avg_sqs, maxes)]
-    g64 = [g.cpu() for g in case.masked64()]
-    steps64 = [
-        s.double().cpu() + 1 for s in steps
-    ]  # torch's fused Adam takes the counts already advanced
+    copies = [copies64(ts) for ts in (case.params, exp_avgs, exp_avg_sqs, maxes)]
+    befores = [copies64(ts) for ts in (case.params, exp_avgs, exp_avg_sqs, maxes)]
+    # torch's fused Adam takes the counts already advanced
+    steps64 = [s.double().cpu() + 1 for s in steps]
     impl.ops("adam_step").adam_step_(
         case.params,
         case.grads,
-        case.factors,
+        case.keeps,
         exp_avgs,
         exp_avg_sqs,
         maxes,
         steps,
         case.head_scale,
+        update,
         case.grad_scale,
         None,
         **hyper,
     )
     fused = torch._fused_adamw_ if hyper.pop("decoupled") else torch._fused_adam_
-    fused(copies[0], g64, copies[1], copies[2], copies[3], steps64, **hyper)
+    fused(copies[0], case.grads64(update), copies[1], copies[2], copies[3], steps64, **hyper)
+    if update:
+        case.masked_change(befores[0], copies[0])
     assert [s.item() for s in steps] == [s.item() for s in steps64], (
         "the step counts are advanced by one"
     )
-    for ours, oracle in zip((case.params, exp_avgs, exp_avg_sqs, maxes), copies, strict=True):
-        assert_close(ours, oracle, dtype)
+    for ours, oracle, before in zip(
+        (case.params, exp_avgs, exp_avg_sqs, maxes), copies, befores, strict=True
+    ):
+        assert_close(ours, oracle, before, dtype)
 
 
+@pytest.mark.parametrize("update", MODES.values(), ids=list(MODES))
 @pytest.mark.parametrize("impl", IMPLS.values(), ids=list(IMPLS))
-def test_a_tensor_lr_is_read_like_a_float(impl):
-    hyper = CONFIGS["adamw"]
+def test_a_tensor_lr_is_read_like_a_float(impl, update):
+    hyper = CONFIGS[2]
     results = []
     for lr in (hyper["lr"], torch.tensor(hyper["lr"], dtype=torch.float64, device=impl.device)):
-        case = problem(impl, torch.float32, 4)
+        case = problem(impl, torch.float32, 4, keep_dtype=torch.uint8)
         exp_avgs, exp_avg_sqs, _, steps = _state(case, False)
         impl.ops("adam_step").adam_step_(
             case.params,
             case.grads,
-            case.factors,
+            case.keeps,
             exp_avgs,
             exp_avg_sqs,
             [],
             steps,
             case.head_scale,
+            update,
             None,
             None,
             **{**hyper, "lr": lr},
@@ -129,15 +155,16 @@ def test_found_inf_skips_every_tensor(impl):
     impl.ops("adam_step").adam_step_(
         case.params,
         case.grads,
-        case.factors,
+        case.keeps,
         exp_avgs,
         exp_avg_sqs,
         [],
         steps,
         case.head_scale,
+        True,
         None,
         torch.ones((), device=impl.device),
-        **CONFIGS["adamw"],
+        **CONFIGS[2],
     )
     assert all(
         torch.equal(a, b)
@@ -145,36 +172,44 @@ def test_found_inf_skips_every_tensor(impl):
     )
 
 
+@pytest.mark.parametrize("update", MODES.values(), ids=list(MODES))
 @pytest.mark.parametrize("impl", IMPLS.values(), ids=list(IMPLS))
-def test_betas_zero_match_torch_in_float32(impl):
-    case = problem(impl, torch.float32, 6)
+def test_betas_zero_match_torch_in_float32(impl, update):
+    """Against the unfused path in float32, with the reference's own mask: ``soft_mask_`` before
+    torch's fused Adam (gradient mode) or ``scale_updates_`` after it (update mode)."""
+    case = problem(impl, torch.float32, 6, keep_dtype=torch.bfloat16)
     exp_avgs, exp_avg_sqs, _, steps = _state(case, False)
     copies = [[t.cpu().clone() for t in ts] for ts in (case.params, exp_avgs, exp_avg_sqs)]
-    grads32 = [
-        g.cpu().clone() for g in case.grads
-    ]  # masked as the reference masks .grad: the spec's path
-    reference.soft_mask_(
-        grads32[:N_SHARED],
-        reference.keep_factors([a.cpu() for a in case.importances]),
-        grads32[N_SHARED:],
-        case.head_scale.cpu(),
-    )
+    befores = [[t.clone() for t in ts] for ts in copies]
+    before = befores[0]
+    grads32 = [g.cpu().clone() for g in case.grads]
+    keeps, scale = [k.cpu() for k in case.keeps], case.head_scale.cpu()
+    if not update:
+        reference.soft_mask_(grads32[:N_SHARED], keeps, grads32[N_SHARED:], scale)
     torch._fused_adam_(
         copies[0], grads32, copies[1], copies[2], [], [s.cpu() + 1 for s in steps], **BETAS_ZERO
     )
+    if update:
+        params = copies[0]
+        reference.scale_updates_(
+            params[:N_SHARED], before[:N_SHARED], keeps, params[N_SHARED:], before[N_SHARED:], scale
+        )
     impl.ops("adam_step").adam_step_(
         case.params,
         case.grads,
-        case.factors,
+        case.keeps,
         exp_avgs,
         exp_avg_sqs,
         [],
         steps,
         case.head_scale,
+        update,
         None,
         None,
         decoupled=False,
         **BETAS_ZERO,
     )
-    for ours, theirs in zip((case.params, exp_avgs, exp_avg_sqs), copies, strict=True):
-        assert_close(ours, [t.double() for t in theirs], torch.float32)
+    for ours, theirs, old in zip(
+        (case.params, exp_avgs, exp_avg_sqs), copies, befores, strict=True
+    ):
+        assert_close(ours, [t.double() for t in theirs], old, torch.float32)

@@ -25,16 +25,6 @@ def fresh(monkeypatch, tmp_path):
     backend._native_build_problem.cache_clear()
 
 
-def test_builds_once_into_the_cache(fresh):
-    build.load()
-    (library,) = fresh.glob("fused_steps-*.so")
-    stamp = library.stat().st_mtime_ns
-    build.load.cache_clear()
-    build.load()
-    assert [*fresh.glob("fused_steps-*.so")] == [library] and library.stat().st_mtime_ns == stamp
-    assert not [p for p in fresh.iterdir() if p != library], "no scratch files are left behind"
-
-
 def _openmp_runtimes() -> set[str]:
     return {
         line.split()[-1]
@@ -43,13 +33,22 @@ def _openmp_runtimes() -> set[str]:
     }
 
 
-def test_shares_torchs_openmp_runtime(fresh):
-    """Loading the library adds no OpenMP runtime of its own: its libgomp resolves to one already
-    loaded (torch's; other packages, e.g. scikit-learn, may have loaded theirs before)."""
+def test_builds_once_into_the_cache_sharing_torchs_openmp_runtime(fresh, monkeypatch):
+    """A build into a fresh cache (unoptimised: -O3 takes seconds, and what is tested is the build
+    and the cache, not the code): loading it adds no OpenMP runtime of its own, its libgomp resolves
+    to one already loaded (torch's; other packages, e.g. scikit-learn, may have loaded theirs
+    before); a second load finds it in the cache."""
+    monkeypatch.setattr(build, "FLAGS", tuple("-O0" if f == "-O3" else f for f in build.FLAGS))
     before = _openmp_runtimes()
     build.load()
     assert _openmp_runtimes() == before
     assert any("torch" in path for path in before), before
+    (library,) = fresh.glob("fused_steps-*.so")
+    stamp = library.stat().st_mtime_ns
+    build.load.cache_clear()
+    build.load()
+    assert [*fresh.glob("fused_steps-*.so")] == [library] and library.stat().st_mtime_ns == stamp
+    assert not [p for p in fresh.iterdir() if p != library], "no scratch files are left behind"
 
 
 def test_a_failing_compiler_is_named(fresh, monkeypatch):
@@ -65,32 +64,46 @@ def _tensors(dtype=torch.float32):
     return [torch.zeros(3, dtype=dtype), torch.zeros(3, dtype=dtype)]
 
 
+def _keeps(dtype=torch.uint8):
+    return [torch.zeros(3, dtype=dtype)]
+
+
+def _is_native(steps: backend.StepKernels | None) -> bool:
+    return isinstance(steps, backend.StepKernels) and all(
+        s.__module__ in (sgd_step.__name__, adam_step.__name__) for s in steps
+    )
+
+
 def test_choice_of_steps(monkeypatch):
-    native = backend.StepKernels(sgd_step.sgd_step_, adam_step.adam_step_)
     choose = backend.TORCH_OPS.step_kernels
     monkeypatch.setenv("SPG_FAST_NATIVE", "auto")
-    assert choose(_tensors()) == native
-    assert choose(_tensors(torch.float64)) == native
-    assert choose(_tensors(torch.bfloat16)) is None
-    assert choose([torch.zeros(3, 2).t()]) is None
+    for keep_dtype in (torch.float32, torch.float64, torch.bfloat16, torch.uint8):
+        assert _is_native(choose(_tensors(), _keeps(keep_dtype)))
+        assert _is_native(choose(_tensors(torch.float64), _keeps(keep_dtype)))
+    assert _is_native(choose(_tensors(), []))
+    assert choose(_tensors(), _keeps(torch.float16)) is None
+    assert choose(_tensors(), [*_keeps(torch.uint8), *_keeps(torch.bfloat16)]) is None
+    assert choose(_tensors(), [torch.zeros(3, 2, dtype=torch.uint8).t()]) is None
+    assert choose(_tensors(torch.bfloat16), _keeps()) is None
+    assert choose([torch.zeros(3, 2).t()], []) is None
     monkeypatch.setenv("SPG_FAST_NATIVE", "0")
-    assert choose(_tensors()) is None
+    assert choose(_tensors(), _keeps()) is None
     monkeypatch.setenv("SPG_FAST_NATIVE", "yes")
     with pytest.raises(ValueError, match="SPG_FAST_NATIVE='yes' is not one of auto, 0, 1"):
-        choose(_tensors())
+        choose(_tensors(), _keeps())
 
 
 def test_without_a_compiler_auto_warns_once_and_explicit_fails(fresh, monkeypatch):
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("SPG_FAST_NATIVE", "1")
     with pytest.raises(build.NativeBuildError, match="failed to compile"):
-        backend.TORCH_OPS.step_kernels(_tensors())
+        backend.TORCH_OPS.step_kernels(_tensors(), _keeps())
     backend._native_build_problem.cache_clear()
     monkeypatch.setenv("SPG_FAST_NATIVE", "auto")
     with pytest.warns(
         RuntimeWarning, match="native CPU optimizer steps are unavailable .*failed to compile"
     ):
-        assert backend.TORCH_OPS.step_kernels(_tensors()) is None
+        assert backend.TORCH_OPS.step_kernels(_tensors(), _keeps()) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backend.TORCH_OPS.step_kernels(_tensors()) is None
+        assert backend.TORCH_OPS.step_kernels(_tensors(), _keeps()) is None

@@ -26,10 +26,11 @@ ADAM = dict(
 )
 
 
-def test_result_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("update", [False, True], ids=["gradient", "update"])
+def test_result_does_not_depend_on_the_thread_count(update):
     results = []
     for threads in (1, 2, 3):
-        case = problem(NATIVE, torch.float32, 5)
+        case = problem(NATIVE, torch.float32, 5, keep_dtype=torch.uint8)
         bufs = [case.rand(s) for s in case.shapes]
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -37,10 +38,11 @@ def test_result_does_not_depend_on_the_thread_count():
             sgd_step_(
                 case.params,
                 case.grads,
-                case.factors,
+                case.keeps,
                 bufs,
                 [False] * len(bufs),
                 case.head_scale,
+                update,
                 None,
                 None,
                 **MOMENTUM,
@@ -56,89 +58,121 @@ class _Sub(torch.Tensor):
     """A tensor subclass, as FSDP2's DTensor is one."""
 
 
+def _sgd(params, grads, keeps):
+    sgd_step_(
+        params,
+        grads,
+        keeps,
+        [],
+        [False] * len(params),
+        torch.tensor(0.5),
+        True,
+        None,
+        None,
+        **PLAIN,
+    )
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (lambda ts: [ts[0].t(), *ts[1:]], r"shape \(3, 7\) is not contiguous"),
+        (lambda ps, ks: ([ps[0].t(), *ps[1:]], ks), r"shape \(3, 7\) is not contiguous"),
         (
-            lambda ts: [ts[0].double(), *ts[1:]],
+            lambda ps, ks: ([ps[0].double(), *ps[1:]], ks),
             r"shape \(0,\) is torch.float32 where the first is torch.float64",
         ),
-        (lambda ts: [t.bfloat16() for t in ts], r"dtype torch.bfloat16 is not one of"),
+        (lambda ps, ks: ([p.bfloat16() for p in ps], ks), r"dtype torch.bfloat16 is not one of"),
         (
-            lambda ts: [ts[0].as_subclass(_Sub), *ts[1:]],
+            lambda ps, ks: ([ps[0].as_subclass(_Sub), *ps[1:]], ks),
             r"shape \(7, 3\) is a _Sub, not a plain tensor",
         ),
+        (
+            lambda ps, ks: (ps, [k.half() for k in ks]),
+            r"keep factors in torch.float16 are not one of",
+        ),
+        (
+            lambda ps, ks: (ps, [ks[0].float(), *ks[1:]]),
+            r"the keep factors are not all of one dtype",
+        ),
+        (lambda ps, ks: (ps, [ks[0].t(), *ks[1:]]), r"shape \(3, 7\) is not contiguous"),
+        (
+            lambda ps, ks: (ps, [ks[0][:2], *ks[1:]]),
+            r"shape \(2, 3\) goes with a parameter of shape \(7, 3\)",
+        ),
+    ],
+    ids=[
+        "non-contiguous",
+        "mixed-dtypes",
+        "bfloat16-params",
+        "subclass",
+        "float16-keeps",
+        "mixed-keep-formats",
+        "non-contiguous-keeps",
+        "keeps-of-another-size",
     ],
 )
 def test_what_the_native_steps_cannot_take_is_named(bad, message):
-    case = problem(NATIVE, torch.float32, 6)
-    bad_params = bad(case.params)
-    before = [p.clone() for p in bad_params]
+    case = problem(NATIVE, torch.float32, 6, keep_dtype=torch.uint8)
+    params, keeps = bad(case.params, case.keeps)
+    before = [p.clone() for p in params]
     with pytest.raises(ValueError, match=message):
-        sgd_step_(
-            bad_params,
-            case.grads,
-            case.factors,
-            [],
-            [False] * len(bad_params),
-            case.head_scale,
-            None,
-            None,
-            **PLAIN,
-        )
-    assert all(torch.equal(a, b) for a, b in zip(bad_params, before, strict=True))
+        _sgd(params, case.grads, keeps)
+    assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
 
 
 def test_a_gradient_of_another_size_is_named():
     case = problem(NATIVE, torch.float32, 7)
+    before = [p.clone() for p in case.params]
     with pytest.raises(ValueError, match=r"shape \(22,\) goes with a parameter of shape \(7, 3\)"):
-        sgd_step_(
-            case.params,
-            [torch.zeros(22), *case.grads[1:]],
-            case.factors,
-            [],
-            [False] * len(case.params),
-            case.head_scale,
-            None,
-            None,
-            **PLAIN,
-        )
+        _sgd(case.params, [torch.zeros(22), *case.grads[1:]], case.keeps)
+    assert all(torch.equal(a, b) for a, b in zip(case.params, before, strict=True))
 
 
 def test_lists_of_other_lengths_are_named():
     case = problem(NATIVE, torch.float32, 8)
     state = [case.rand(s) for s in case.shapes]
-    with pytest.raises(
-        ValueError,
-        match=r"7 parameters take 7 gradients, at most 7 mask factors and 7 exp_avgs, 7 "
-        r"exp_avg_sqs, 7 max_exp_avg_sqs; got 6 gradients, 4 mask factors and 7 "
-        r"exp_avgs, 5 exp_avg_sqs, 0 max_exp_avg_sqs",
-    ):
+    with pytest.raises(ValueError, match=r"adam step: 7 parameters take .*got .*5"):
         adam_step_(
             case.params,
-            case.grads[:-1],
-            case.factors,
+            case.grads,
+            case.keeps,
             state,
             state[:5],
             [],
             [torch.tensor(1.0)] * 7,
             case.head_scale,
+            False,
             None,
             None,
             **ADAM,
         )
-    with pytest.raises(
-        ValueError, match=r"and 0 momentum buffers; got 7 gradients, 4 mask factors and 7 momentum"
-    ):
+    with pytest.raises(ValueError, match=r"7 parameters take 7 gradients, got 6"):
+        adam_step_(
+            case.params,
+            case.grads[:-1],
+            case.keeps,
+            state,
+            state,
+            state,
+            [torch.tensor(1.0)] * 7,
+            case.head_scale,
+            False,
+            None,
+            None,
+            **ADAM,
+        )
+    with pytest.raises(ValueError, match=r"sgd step: 7 parameters take 0 momentum buffers, got 7"):
         sgd_step_(
             case.params,
             case.grads,
-            case.factors,
+            case.keeps,
             state,
             [False] * 7,
             case.head_scale,
+            False,
             None,
             None,
             **PLAIN,
         )
+    with pytest.raises(ValueError, match=r"at most 7 keep factors"):
+        _sgd(case.params, case.grads, case.keeps * 2)
