@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; override (e.g. TORCH=torch) to let pip choose a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-slow docs lint gpu clean
+.PHONY: install run test test-slow test-avalanche docs lint gpu clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -26,6 +26,23 @@ test: install
 # The long checks (`@pytest.mark.slow`): CI runs them after `make test`.
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The Avalanche plugin against the real avalanche-lib, in an environment of its own: Avalanche needs
+# torchvision, whose registry wheels are built against torch's CUDA build and fail to import with the
+# CPU build in $(VENV); the CUDA build (about 5.5 GB with its libraries) runs on the CPU.
+AVALANCHE_VENV ?= build/venv-avalanche
+AVALANCHE_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+$(AVALANCHE_VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(AVALANCHE_VENV)
+	$(AVALANCHE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AVALANCHE_VENV)/bin/python -m pip install --quiet $(AVALANCHE_TORCH)
+	$(AVALANCHE_VENV)/bin/python -m pip install --quiet -e ".[avalanche]" "pytest>=8"
+	touch $@
+
+test-avalanche: $(AVALANCHE_VENV)/.installed
+	$(AVALANCHE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integrations/test_avalanche.py
+	OMP_NUM_THREADS=1 $(AVALANCHE_VENV)/bin/python examples/avalanche_continual.py
 
 # The documentation site into site/: mkdocs --strict fails on a broken link, a missing page or an API object it
 # cannot find; then every public name must have its entry in the API reference.
