@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; override (e.g. TORCH=torch) to let pip choose a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-slow test-avalanche docs lint gpu clean
+.PHONY: install run test test-slow test-avalanche test-deepspeed docs lint gpu clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -43,6 +43,21 @@ $(AVALANCHE_VENV)/.installed: pyproject.toml Makefile
 test-avalanche: $(AVALANCHE_VENV)/.installed
 	$(AVALANCHE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integrations/test_avalanche.py
 	OMP_NUM_THREADS=1 $(AVALANCHE_VENV)/bin/python examples/avalanche_continual.py
+
+# The Trainer callback's refusal of DeepSpeed ZeRO 1 and 2, with the real deepspeed (its CPU
+# accelerator and gloo; its communication op is compiled on first use), in an environment of its own.
+DEEPSPEED_VENV ?= build/venv-deepspeed
+DEEPSPEED ?= deepspeed==0.19.8
+
+$(DEEPSPEED_VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(DEEPSPEED_VENV)
+	$(DEEPSPEED_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DEEPSPEED_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(DEEPSPEED_VENV)/bin/python -m pip install --quiet "$(DEEPSPEED)" -e ".[transformers]" "pytest>=8"
+	touch $@
+
+test-deepspeed: $(DEEPSPEED_VENV)/.installed
+	$(DEEPSPEED_VENV)/bin/python -m pytest -q -p no:cacheprovider -m slow tests/integrations/test_deepspeed.py
 
 # The documentation site into site/: mkdocs --strict fails on a broken link, a missing page or an API object it
 # cannot find; then every public name must have its entry in the API reference.

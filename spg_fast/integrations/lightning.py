@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from spg_fast.integrations.base import (
@@ -137,8 +138,8 @@ class SPGCallback(pl.Callback):
             )
         wrapped = trainer.strategy.model
         group = wrapped.process_group if isinstance(wrapped, DistributedDataParallel) else None
-        if group is None and trainer.world_size > 1:  # after teardown: the default group
-            group = _default_group()
+        if group is None and trainer.world_size > 1:  # after teardown: DDP's default group
+            group = dist.group.WORLD
         end_current_task(self.spg, loader, self.end_task_options, group)
         self._run.ended = True
 
@@ -217,12 +218,6 @@ def _training_over(trainer: pl.Trainer) -> bool:
         return True
     may_stop = done >= (loop.min_epochs or 0) and steps >= (loop.min_steps or 0)
     return bool(trainer.should_stop) and may_stop
-
-
-def _default_group() -> Any:
-    import torch.distributed as dist
-
-    return dist.group.WORLD
 
 
 class _Saves:

@@ -25,7 +25,7 @@ from spg_fast.mask_mode import MaskMode
 from spg_fast.spg import SPG
 
 try:
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import DistributedType
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -191,7 +191,7 @@ class SPGCallback(TrainerCallback):
 
 def _check_backend(args: TrainingArguments) -> None:
     """Refuse the Accelerate back-ends SPG cannot mask under."""
-    kind = AcceleratorState().distributed_type if AcceleratorState._shared_state else None
+    kind = AcceleratorState().distributed_type if is_initialized() else None
     if args.deepspeed or kind == DistributedType.DEEPSPEED:
         raise RuntimeError(
             f"{_WHERE}: DeepSpeed runs the optimizer step inside backward on its own partitioned "

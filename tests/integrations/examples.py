@@ -11,16 +11,18 @@ from typing import Any
 
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
 # Starting the processes and importing the frameworks takes most of a run (20-60 s alone on 2
 # cores); other test jobs may share the cores.
 TIMEOUT_S = 300
 
 
 def run(*command: str | Path, timeout: float = TIMEOUT_S) -> str:
-    """Run ``command`` with one thread per process; its standard output, or an assertion error
-    showing all its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    """Run ``command`` with one thread per process and the repository importable (``tests``);
+    its standard output, or an assertion error showing all its output."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     result = subprocess.run(
         [str(c) for c in command], capture_output=True, text=True, timeout=timeout, env=env
     )
