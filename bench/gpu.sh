@@ -24,5 +24,10 @@ done
 # shellcheck disable=SC2086
 $PY -m bench.run --out "$out" --e2e ${BENCH_ARGS:-} 2>&1 | tee "$out/raw-output.txt"
 bench=${PIPESTATUS[0]}
+# Each step as a training loop sees it: synchronised, pipelined, kernels alone, host alone, CUDA graph.
+$PY -m bench.call_modes --out "$out/call-modes" 2>&1 | tee "$out/call-modes.txt"
+bench=$((bench || PIPESTATUS[0]))
+# The host's share with the launches stubbed (CPU tensors, Triton's interpreter), in the real loop.
+TRITON_INTERPRET=1 $PY -m bench.host_overhead --out "$out/host-overhead" 2>&1 | tee "$out/host-overhead.txt"
 echo "tests exit $tests, benchmarks exit $bench"
 exit $((tests || bench))
