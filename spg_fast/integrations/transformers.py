@@ -198,7 +198,7 @@ def _check_backend(args: TrainingArguments) -> None:
             "copies of the parameters, where SPG's mask cannot reach it; train with DDP (torchrun "
             "or accelerate launch without a DeepSpeed config)"
         )
-    if args.fsdp or kind == DistributedType.FSDP:
+    if kind == DistributedType.FSDP:  # args.fsdp alone: on the CPU Accelerate runs DDP instead
         raise RuntimeError(
             f"{_WHERE}: FSDP under the Trainer replaces the parameters SPG was built on; train "
             "with DDP (torchrun or accelerate launch without an FSDP config)"
