@@ -121,7 +121,12 @@ class SPGPlugin(SupervisedPlugin):
         self._optimizers = MaskedOptimizers(self.spg, self.mask)
 
     def state_dict(self) -> dict[str, Any]:
-        """SPG's state and the task label of each ended task."""
+        """The plugin's state for a checkpoint of your own.
+
+        Returns:
+            ``{"format", "spg": spg.state_dict(), "task_labels"}``, which
+            ``torch.load(weights_only=True)`` reads.
+        """
         return {
             "format": STATE_FORMAT,
             "spg": self.spg.state_dict(),
@@ -129,7 +134,11 @@ class SPGPlugin(SupervisedPlugin):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output."""
+        """Restore ``state_dict()`` output into SPG and the plugin.
+
+        Args:
+            state: what ``state_dict`` returned.
+        """
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"{_WHERE}: state format {state.get('format')!r}; this version reads "

@@ -28,7 +28,16 @@ before) still loads."""
 def checked_end_task_options(spg: SPG, options: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``options`` as keyword arguments for ``spg.end_task`` (everything but the task id and the
     loader, which the integration supplies); a name ``end_task`` does not take is a ``TypeError``
-    now rather than at the end of training."""
+    now rather than at the end of training.
+
+    Args:
+        spg: the SPG object the options are for.
+        options: the keyword arguments given to the integration.
+        where: the integration's name, for the errors.
+
+    Returns:
+        A copy of ``options``.
+    """
     if not isinstance(spg, SPG):
         raise TypeError(f"{where} needs an spg_fast.SPG object, got {type(spg).__name__}")
     signature = inspect.signature(spg.end_task)
@@ -57,8 +66,14 @@ def check_model_holds(spg: SPG, model: nn.Module, where: str) -> None:
 
 
 def data_parallel_group(world_size: int) -> dist.ProcessGroup | None:
-    """The group whose processes each train a replica on part of the data: the default group when
-    there are several processes, None for one."""
+    """The group whose processes each train a replica on part of the data.
+
+    Args:
+        world_size: the number of training processes.
+
+    Returns:
+        The default group when there are several processes, None for one.
+    """
     if world_size <= 1:
         return None
     if not dist.is_available() or not dist.is_initialized():
@@ -119,8 +134,15 @@ def end_current_task(
     process_group: dist.ProcessGroup | None = None,
 ) -> None:
     """``spg.end_task`` for the task just trained (tasks end in order, so its id is
-    ``spg.tasks_finished``), with autograd on whatever mode the framework left; the gradient sums
-    are added over ``process_group`` unless the options name a group themselves."""
+    ``spg.tasks_finished``), with autograd on whatever mode the framework left.
+
+    Args:
+        spg: the SPG object.
+        loader: the task's training data (this process's share of it).
+        options: further keyword arguments for ``spg.end_task``.
+        process_group: the processes whose gradient sums are added (None: this one alone), unless
+            ``options`` name a group themselves.
+    """
     with torch.enable_grad():
         spg.end_task(
             spg.tasks_finished, loader, **{"process_group": process_group, **dict(options)}
@@ -141,14 +163,31 @@ class Saved:
 
 
 def checkpoint_state(spg: SPG, *, ended: bool, over: bool | None) -> dict[str, Any]:
-    """SPG's part of a framework checkpoint (``torch.load(weights_only=True)`` reads it)."""
+    """SPG's part of a framework checkpoint (``torch.load(weights_only=True)`` reads it).
+
+    Args:
+        spg: the SPG object.
+        ended: whether the task the run trains has been ended (its importance is in the state).
+        over: whether the run's training was over when the checkpoint was written (None: unknown).
+
+    Returns:
+        ``{"format": STATE_FORMAT, "spg": spg.state_dict(), "ended": ended, "over": over}``.
+    """
     return {"format": STATE_FORMAT, "spg": spg.state_dict(), "ended": ended, "over": over}
 
 
 def read_checkpoint_state(state: Mapping[str, Any], where: str) -> tuple[dict[str, Any], Saved]:
-    """SPG's state dict and the ``Saved`` record in ``checkpoint_state`` output; a bare
-    ``spg.state_dict()`` (the callbacks' earlier format) reads as a task not ended, its end
-    unrecorded."""
+    """Read ``checkpoint_state`` output back.
+
+    Args:
+        state: what a framework checkpoint holds for SPG; a bare ``spg.state_dict()`` (the
+            callbacks' earlier format) reads as a task not ended, whether its training was over
+            unrecorded.
+        where: the integration's name, for the errors.
+
+    Returns:
+        SPG's state dict and the ``Saved`` record.
+    """
     if "spg" not in state:
         return dict(state), Saved(ended=False, over=None)
     if state.get("format") != STATE_FORMAT:
