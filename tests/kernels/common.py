@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from spg_fast import storage
@@ -120,3 +121,17 @@ def code_distance(a: torch.Tensor, b: torch.Tensor) -> int:
     }[a.dtype]
     diff = (a.cpu().view(as_int).long() - b.cpu().view(as_int).long()).abs()
     return int(diff.max()) if diff.numel() else 0
+
+
+def layout_cases(layouts: list[str] = LAYOUTS) -> list:
+    """``(dtype, keep_dtype, layout)`` parameters: every gradient dtype with every keep format when
+    contiguous; in the other layouts each dtype with one format by rotation, so that every format
+    still meets every layout and every dtype (Triton's interpreter is slow)."""
+    out = []
+    for li, layout in enumerate(layouts):
+        for di, dtype in enumerate(GRAD_DTYPES):
+            keeps = KEEP_DTYPES if layout == "contiguous" else [KEEP_DTYPES[(di + li) % 3]]
+            for keep in keeps:
+                name = f"{layout}-{str(dtype)[6:]}-keep_{str(keep)[6:]}"
+                out.append(pytest.param(dtype, keep, layout, id=name))
+    return out

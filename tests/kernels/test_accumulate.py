@@ -17,6 +17,7 @@ from tests.kernels.common import (
     LAYOUTS,
     SHAPES,
     code_distance,
+    layout_cases,
     oracle_keep,
     random_keeps,
     random_tensor,
@@ -48,9 +49,7 @@ def _expected(before: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.minimum(before.cpu(), new)
 
 
-@pytest.mark.parametrize("keep_dtype", KEEP_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, keep_dtype, layout", layout_cases())
 def test_matches_reference_and_oracle(dtype, keep_dtype, layout):
     gen = torch.Generator().manual_seed(GRAD_DTYPES.index(dtype) * 10 + LAYOUTS.index(layout))
     shapes = [s for s in SHAPES if layout == "contiguous" or len(s) == 2]

@@ -20,6 +20,7 @@ from tests.kernels.common import (
     LAYOUTS,
     SHAPES,
     keep64,
+    layout_cases,
     random_keeps,
     random_tensor,
 )
@@ -41,9 +42,7 @@ def _factors64(xs, keeps, heads, scale):
     return [keep64(k) for k in keeps] + [scale.double().expand(h.shape) for h in heads]
 
 
-@pytest.mark.parametrize("keep_dtype", KEEP_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, keep_dtype, layout", layout_cases())
 def test_soft_mask_matches_reference_bit_for_bit(dtype, keep_dtype, layout):
     seed = GRAD_DTYPES.index(dtype) * 10 + LAYOUTS.index(layout)
     _, grads, keeps, heads, scale = _inputs(dtype, keep_dtype, layout, seed)
@@ -61,9 +60,9 @@ def test_soft_mask_matches_reference_bit_for_bit(dtype, keep_dtype, layout):
         torch.testing.assert_close(got.double(), orc, rtol=eps, atol=tiny)
 
 
-@pytest.mark.parametrize("keep_dtype", KEEP_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize(
+    "dtype, keep_dtype, layout", layout_cases(["contiguous", "transposed", "strided"])
+)
 def test_scale_updates_matches_reference_bit_for_bit(dtype, keep_dtype, layout):
     """``p <- before + keep * (p - before)``; ``before`` only read by the kernel, in another layout
     than ``p`` for the strided case."""
