@@ -211,6 +211,12 @@ def _keep_(z: Tensor, scratch: Tensor) -> Tensor:
     return e.mul_(2).div_(denominator)
 
 
+def _rounded_keep(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """``keep`` (float64) rounded to ``dtype``, never to 0: the importance of a finite gradient is
+    below 1, so nothing is frozen outright (``spg_fast.storage.SMALLEST``)."""
+    return keep.to(dtype).clamp_(min=storage.SMALLEST[dtype])
+
+
 def _checked_flat(h: Tensor, name: str) -> tuple[Tensor, Tensor, _Standardizer]:
     if not h.is_floating_point():
         raise TypeError(f"{name}: importance needs a floating-point tensor, got dtype {h.dtype}")
@@ -244,14 +250,15 @@ def importance(h: Tensor, name: str = "gradient") -> Tensor:
 
 def keep(h: Tensor, name: str = "gradient") -> Tensor:
     """The keep factor ``1 - importance(h)`` in ``compute_dtype``, formed in float64 without
-    cancellation (``spg_fast.storage``) and rounded once: the reference float32 keep factor."""
+    cancellation (``spg_fast.storage``) and rounded once, never to 0: the reference float32 keep
+    factor."""
     out = torch.empty(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
     if h.numel() == 0:
         return out
     flat, buf, st = _checked_flat(h, name)
     scratch = torch.empty_like(buf)
     for lo, hi, z in _standardized_chunks(flat, st, buf):
-        out.view(-1)[lo:hi].copy_(_keep_(z, scratch))
+        out.view(-1)[lo:hi].copy_(_rounded_keep(_keep_(z, scratch), out.dtype))
     return out
 
 
@@ -284,7 +291,7 @@ def _accumulate_one(stored: Tensor, h: Tensor, st: _Standardizer | None = None) 
     rounding = compute_dtype(h.dtype)
     scratch = torch.empty_like(buf)
     for lo, hi, z in _standardized_chunks(flat, st, buf):
-        code = storage.encode(_keep_(z, scratch).to(rounding), stored.dtype)
+        code = storage.encode(_rounded_keep(_keep_(z, scratch), rounding), stored.dtype)
         a = work[lo:hi]
         if on_cpu:
             torch.minimum(a, code, out=a)

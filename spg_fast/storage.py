@@ -7,7 +7,10 @@ rounded ``k`` keeps its relative precision down to tiny values. Every kernel rea
 and decodes it in registers; nothing else is held per element.
 
 The float32 keep factor is the reference: ``1 - |tanh(z)|`` formed in float64 as ``2e / (1 + e)``
-with ``e = exp(-2|z|)`` and rounded once to float32. The formats (``importance_dtype``):
+with ``e = exp(-2|z|)`` and rounded once to float32, but never to 0: ``tanh`` of a finite value is
+below 1, so SPG freezes nothing outright, and a keep factor below float32's smallest positive value
+(``|z|`` above about 51.7, which a tensor of more than about 2,700 elements can reach) is stored as
+that value, ``2**-149`` (float64: ``2**-1074``). The formats (``importance_dtype``):
 
 - ``torch.float32`` (the default; ``torch.float64`` for float64 parameters): that value itself.
 - ``torch.bfloat16``: the float32 keep rounded to nearest even (relative error at most ``2**-8``);
@@ -41,6 +44,8 @@ RELATIVE_ERROR = {
     torch.uint8: 1 / 16,
 }
 
+# The smallest keep factor each keep dtype is rounded to (see the module docstring).
+SMALLEST = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
 # The uint8 code c stands for the float32 with bits (c + _U8_OFFSET) << _U8_SHIFT.
 _U8_SHIFT = 20
 _U8_OFFSET = 761

@@ -283,3 +283,20 @@ def test_format_helpers():
         storage.encode(k, torch.float16)
     with pytest.raises(ValueError, match=r"no importance storage in torch\.int8"):
         storage.decode(k.to(torch.int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_an_outlier_far_beyond_float32s_range_is_never_frozen(dtype):
+    """|z| near 100 (exp(-2|z|) ~ 1e-87, below float32's smallest value): the importance is still
+    below 1, so the stored keep factor is the format's smallest positive one, in the reference and
+    the Triton kernel alike."""
+    h = torch.zeros(10001)
+    h[:5000] = 1.0
+    h[0] = 1e4  # |z| about 100
+    ours = [storage.fresh(h.shape, dtype, h.device)]
+    kernel = [storage.fresh(h.shape, dtype, h.device)]
+    reference.accumulate_(ours, [h])
+    triton_accumulate_(kernel, [h])
+    assert torch.equal(ours[0], kernel[0])
+    smallest = storage.decode(ours[0])[0]
+    assert 0 < float(smallest) <= 2.0**-31

@@ -134,7 +134,11 @@ def _update_tile(
     x = load(h, offs, inside, MASKED).to(tl.float64)
     z = tl.abs(x - pivot - mean) * inv_std
     e = tl.exp(-2.0 * z)
-    keep = (2.0 * e / (1.0 + e)).to(tl.float32)
+    # Rounded to float32, never to 0 (the smallest float32, 2**-149, has the bits 1): see
+    # spg_fast.storage.
+    keep = tl.maximum(
+        (2.0 * e / (1.0 + e)).to(tl.float32), tl.full([1], 1, tl.int32).to(tl.float32, bitcast=True)
+    )
     old = decode(load(a_ptr, offs, inside, MASKED), ADT)
     store(a_ptr, offs, encode(tl.minimum(old, keep), ADT), inside, MASKED)
 
