@@ -162,8 +162,9 @@ class SPGCallback(TrainerCallback):
         folders = {_checkpoint_folder(args, state): state.global_step}
         if self._resumed_from is not None:
             folders[self._resumed_from] = state.global_step
-        if args.load_best_model_at_end and state.best_model_checkpoint:
-            folders[state.best_model_checkpoint] = state.best_global_step
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best:
+            folders[best] = int(os.path.basename(os.path.normpath(best)).rsplit("-", 1)[-1])
         for folder, step in folders.items():
             if os.path.isfile(os.path.join(folder, STATE_FILE)):
                 self._write(folder, step, over=True)

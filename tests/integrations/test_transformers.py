@@ -83,6 +83,7 @@ def _train(
     wrap_with=None,
     trainer_class=Trainer,
     optimizer="sgd",
+    eval_dataset=None,
     **args,
 ) -> list[dict[str, torch.Tensor]]:
     """Train ``model`` on ``task`` with SGD (or, for ``optimizer=None``, the Trainer's default
@@ -109,6 +110,7 @@ def _train(
         model=model,
         args=arguments,
         train_dataset=task,
+        eval_dataset=eval_dataset,
         callbacks=list(callbacks),
         optimizers=(wrap_with.wrap(sgd) if wrap_with else sgd, None),
     )
@@ -340,6 +342,37 @@ def test_a_checkpoint_written_before_its_task_ended_is_not_trained_on(tmp_path):
         assert torch.equal(again_spg.importance[name], a), name
     saved = torch.load(last / STATE_FILE, weights_only=True)
     assert saved["spg"]["tasks_finished"] == 1 and saved["ended"] is True
+
+
+def test_with_load_best_model_at_end_the_best_and_last_checkpoints_hold_the_task(tmp_path):
+    """The Trainer loads the best model before training ends: the task is measured on it, and both
+    the best checkpoint and the last one are written again with the task."""
+    model = _model(seed=0)
+    spg = _spg(model)
+    _train(
+        model,
+        TASKS[0],
+        tmp_path,
+        [SPGCallback(spg)],
+        num_train_epochs=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        eval_dataset=TASKS[1],  # a loss that rises as task 0 is learned: the best is early
+    )
+    states = {
+        int(folder.name.split("-")[1]): torch.load(folder / STATE_FILE, weights_only=True)
+        for folder in tmp_path.glob("checkpoint-*")
+    }
+    last = max(states)
+    ended = {step for step, state in states.items() if state["ended"]}
+    assert last in ended and len(ended) == 2, sorted(ended)  # the last and the best
+    for step in ended:
+        assert states[step]["spg"]["tasks_finished"] == 1
+        for name, k in spg.keep_factors.items():
+            assert torch.equal(states[step]["spg"]["keep"][name], k), (step, name)
 
 
 class _Parameters(TrainerCallback):
