@@ -89,6 +89,13 @@ static inline float from_bits(uint32_t bits) {
     }                                                                                             \
   } while (0)
 
+/* adam_loop's tensor and scalar arguments as adam_piece has them. */
+#define ADAM_ARGS(T, K)                                                                            \
+  at(t->param[k], s, sizeof(T)), at(t->grad[k], s, sizeof(T)), at(t->factor[k], s, sizeof(K)),   \
+      at(t->buf1[k], s, sizeof(T)), at(t->buf2[k], s, sizeof(T)), at(t->buf3[k], s, sizeof(T)),   \
+      n, head, unscale, decay, lr_wd, wd, one_minus_b1, b2, one_minus_b2, eps, step_size,         \
+      bias2_sqrt
+
 /* The steps for parameters of type T whose stored keep factors are of type K, decoded by KEEP. */
 #define DEFINE_STEPS(T, SUFFIX, SQRT, FMA, K, KEEP)                                                \
   static inline __attribute__((always_inline)) void sgd_loop_##SUFFIX(                           \
@@ -96,16 +103,18 @@ static inline float from_bits(uint32_t bits) {
       T unscale, T lr, T wd, T mom, T undamped, int nesterov, int first, const int update,        \
       const int shared) {                                                                         \
     for (int64_t i = 0; i < n; i++) {                                                             \
+      /* Every array is read once, into a local, before anything is stored. */                   \
       const T keep = shared ? (T)KEEP(f, i) : head;                                               \
+      const T pi = p[i];                                                                          \
       T gi = g[i] * unscale;                                                                      \
-      gi = (update ? gi : gi * keep) + wd * p[i];                                                 \
+      gi = (update ? gi : gi * keep) + wd * pi;                                                   \
       if (b) {                                                                                    \
         const T bi = first ? gi : b[i] * mom + undamped * gi;                                     \
         b[i] = bi;                                                                                \
         gi = nesterov ? gi + mom * bi : bi;                                                       \
       }                                                                                           \
       /* fused, as torch's CPU kernel updates the parameter */                                    \
-      p[i] = update ? FMA(-keep, lr * gi, p[i]) : FMA(-lr, gi, p[i]);                             \
+      p[i] = update ? FMA(-keep, lr * gi, pi) : FMA(-lr, gi, pi);                                 \
     }                                                                                             \
   }                                                                                               \
                                                                                                   \
@@ -127,25 +136,25 @@ static inline float from_bits(uint32_t bits) {
   static inline __attribute__((always_inline)) void adam_loop_##SUFFIX(                          \
       T *restrict p, const T *restrict g, const K *restrict f, T *restrict m, T *restrict v,      \
       T *restrict vmax, int64_t n, T head, T unscale, T decay, T lr_wd, T wd, T one_minus_b1,     \
-      T b2, T one_minus_b2, T eps, T step_size, T bias2_sqrt, const int update,                   \
-      const int shared) {                                                                         \
-    const int lerp_small = one_minus_b1 < (T)0.5;                                                 \
+      T b2, T one_minus_b2, T eps, T step_size, T bias2_sqrt, const int amsgrad,                  \
+      const int lerp_small, const int update, const int shared) {                                 \
     for (int64_t i = 0; i < n; i++) {                                                             \
+      /* Every array is read once, into a local, before anything is stored. */                   \
       const T keep = shared ? (T)KEEP(f, i) : head;                                               \
+      const T pi = p[i], m0 = m[i];                                                               \
       T gi = g[i] * unscale;                                                                      \
-      gi = (update ? gi : gi * keep) + wd * p[i];                                                 \
+      gi = (update ? gi : gi * keep) + wd * pi;                                                   \
       /* torch's lerp: exact at either end of the weight range (beta1 = 0 gives m = g). */        \
-      const T mi = lerp_small ? m[i] + one_minus_b1 * (gi - m[i])                                 \
-                              : gi - (gi - m[i]) * (1 - one_minus_b1);                            \
+      const T mi = lerp_small ? m0 + one_minus_b1 * (gi - m0) : gi - (gi - m0) * (1 - one_minus_b1); \
       T vi = v[i] * b2 + one_minus_b2 * gi * gi;                                                  \
       m[i] = mi;                                                                                  \
       v[i] = vi;                                                                                  \
-      if (vmax) {                                                                                 \
+      if (amsgrad) {                                                                              \
         vi = vmax[i] > vi ? vmax[i] : vi;                                                         \
         vmax[i] = vi;                                                                             \
       }                                                                                           \
       const T step = step_size * (mi / (SQRT(vi) / bias2_sqrt + eps));                            \
-      p[i] = update ? p[i] - keep * (step + lr_wd * p[i]) : p[i] * decay - step;                  \
+      p[i] = update ? pi - keep * (step + lr_wd * pi) : pi * decay - step;                        \
     }                                                                                             \
   }                                                                                               \
                                                                                                   \
@@ -156,11 +165,16 @@ static inline float from_bits(uint32_t bits) {
     const double count = (double)*t->step[k] + 1;                                                \
     const T step_size = (T)(lr / (1 - pow(b1, count)));                                           \
     const T bias2_sqrt = (T)sqrt(1 - pow(b2_, count));                                            \
-    SPECIALISED(adam_loop_##SUFFIX, update, t->factor[k] != 0, at(t->param[k], s, sizeof(T)),     \
-                at(t->grad[k], s, sizeof(T)), at(t->factor[k], s, sizeof(K)),                     \
-                at(t->buf1[k], s, sizeof(T)), at(t->buf2[k], s, sizeof(T)),                       \
-                at(t->buf3[k], s, sizeof(T)), n, head, unscale, decay, lr_wd, wd, one_minus_b1,   \
-                b2, one_minus_b2, eps, step_size, bias2_sqrt);                                    \
+    /* amsgrad and the lerp's branch constant too: left to the compiler, they are if-converted    \
+     * into both arms and a blend, which made the update mask's loop twice as slow. */            \
+    const int shared = t->factor[k] != 0, amsgrad = t->buf3[k] != 0, small = one_minus_b1 < 0.5; \
+    if (amsgrad) {                                                                                \
+      if (small) SPECIALISED(adam_loop_##SUFFIX, update, shared, ADAM_ARGS(T, K), 1, 1);          \
+      else SPECIALISED(adam_loop_##SUFFIX, update, shared, ADAM_ARGS(T, K), 1, 0);                \
+    } else {                                                                                      \
+      if (small) SPECIALISED(adam_loop_##SUFFIX, update, shared, ADAM_ARGS(T, K), 0, 1);          \
+      else SPECIALISED(adam_loop_##SUFFIX, update, shared, ADAM_ARGS(T, K), 0, 0);                \
+    }                                                                                             \
   }                                                                                               \
                                                                                                   \
   void spg_adam_step_##SUFFIX(tensors_t t, T head, T unscale, int update, T decay, T lr_wd, T wd, \
