@@ -297,23 +297,20 @@ def test_capacity_is_logged_stored_and_plotted_after_every_task(tmp_path, capsys
     assert list(panel.lines[0].get_ydata()) == [u["mean"] for u in usage]
 
 
-def test_hat_reports_its_gates_and_ewc_no_capacity(tmp_path, capsys):
-    for method in ("hat", "ewc"):
-        out = tmp_path / method
-        argv = ["run", "--method", method, "--max-epochs", "1", "--tasks", "2", "--out", str(out)]
-        assert cli.main(argv) == 0
-        result = json.loads((out / "results.json").read_text())
-        if method == "hat":
-            assert [u["of"] for u in result["importance_usage"]] == ["units", "units"]
-            assert result["config"]["hat_smax"] == 400.0 and result["config"]["hat_c"] == 0.75
-            assert "gates: mean" in capsys.readouterr().err
-        else:
-            assert result["importance_usage"] == [None, None]
-            assert result["config"]["ewc_lambda"] == 5000.0 and "hat_c" not in result["config"]
+def test_hat_reports_its_gates_and_ewc_no_capacity(capsys):
+    from spg_fast.harness import run
+
+    hat = run("digits", "hat", config={"max_epochs": 1}, tasks=2, progress="lines")
+    assert [u["of"] for u in hat["importance_usage"]] == ["units", "units"]
+    assert hat["config"]["hat_smax"] == 400.0 and hat["config"]["hat_c"] == 0.75
+    assert "gates: mean" in capsys.readouterr().err
+    ewc = run("digits", "ewc", config={"max_epochs": 1}, tasks=2, progress="none")
+    assert ewc["importance_usage"] == [None, None]
+    assert ewc["config"]["ewc_lambda"] == 5000.0 and "hat_c" not in ewc["config"]
 
 
-@pytest.mark.parametrize("mask", ["gradient", "update", "auto"])
-def test_mask_mode_reaches_spg_wrap_and_the_config(mask, tmp_path, monkeypatch):
+def test_mask_mode_reaches_spg_wrap_and_the_config(tmp_path, monkeypatch):
+    from spg_fast.harness import run
     from spg_fast.spg import SPG
 
     seen = []
@@ -324,7 +321,12 @@ def test_mask_mode_reaches_spg_wrap_and_the_config(mask, tmp_path, monkeypatch):
         return real(self, optimizer, mask=mask)
 
     monkeypatch.setattr(SPG, "wrap", wrap)
-    argv = ["run", "--mask", mask, "--max-epochs", "1", "--tasks", "1", "--out", str(tmp_path)]
+    argv = ["run", "--mask", "update", "--max-epochs", "1", "--tasks", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
-    assert seen == [mask]
-    assert json.loads((tmp_path / "results.json").read_text())["config"]["mask"] == mask
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["mask"] == "update"
+    for mask in ("gradient", "auto"):
+        result = run(
+            "digits", config={"max_epochs": 1}, options={"mask": mask}, tasks=1, progress="none"
+        )
+        assert result["config"]["mask"] == mask
+    assert seen == ["update", "gradient", "auto"]
