@@ -9,7 +9,7 @@ and decodes it in registers; nothing else is held per element.
 The float32 keep factor is the reference: ``1 - |tanh(z)|`` formed in float64 as ``2e / (1 + e)``
 with ``e = exp(-2|z|)`` and rounded once to float32, but never to 0: ``tanh`` of a finite value is
 below 1, so SPG freezes nothing outright, and a keep factor below float32's smallest positive value
-(``|z|`` above about 51.7, which a tensor of more than about 2,700 elements can reach) is stored as
+(``|z|`` above about 52.0, which a tensor of more than about 2,700 elements can reach) is stored as
 that value, ``2**-149`` (float64: ``2**-1074``). The formats (``importance_dtype``):
 
 - ``torch.float32`` (the default; ``torch.float64`` for float64 parameters): that value itself.
