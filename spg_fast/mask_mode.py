@@ -21,7 +21,6 @@ on its update, which protects whatever its step does.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -37,15 +36,10 @@ def check_mask(mask: object, where: str = "mask") -> None:
         raise ValueError(f"{where}={mask!r} is not one of {', '.join(map(repr, MASK_MODES))}")
 
 
-@functools.cache
-def _sgd_types() -> tuple[type, ...]:
+def _linear_in_gradient(optimizer: torch.optim.Optimizer) -> bool:
     from spg_fast.optim.sgd import SGD  # spg_fast.optim imports this module
 
-    return (torch.optim.SGD, SGD)
-
-
-def _linear_in_gradient(optimizer: torch.optim.Optimizer) -> bool:
-    return type(optimizer) in _sgd_types()
+    return type(optimizer) in (torch.optim.SGD, SGD)
 
 
 def resolve(

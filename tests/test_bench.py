@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 
 from bench import bytes_model
@@ -39,6 +40,7 @@ def torch_numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_runner_writes_tables_csv_and_plots(tmp_path, monkeypatch):
     # The runner flushes denormals on the CPU, which OpenMP threads started meanwhile inherit and
     # keep (resetting it reaches the calling thread only); the rest of the suite needs denormals

@@ -109,6 +109,8 @@ class Table:
             raise ValueError(f"{what}: {reason}")
         self.dtype = params[0].dtype if params else torch.float32
         self.keep_dtype = keeps[0].dtype if keeps else self.dtype
+        self._library = load()
+        self._functions: dict[str, ctypes._CFuncPtr] = {}
         self._params = list(params)
         self._held = [list(keeps), *(list(b) for b in buffers), list(steps)]  # kept alive
         slots = [*buffers, [], [], []][:3]
@@ -177,8 +179,10 @@ class Table:
 
     def call(self, kind: str, *args: ctypes._SimpleCData) -> None:
         """``spg_<kind>_<dtype>_<keep dtype>(table, args..., threads)``."""
-        suffix = f"{DTYPES[self.dtype]}_{KEEP_DTYPES[self.keep_dtype]}"
-        function = getattr(load(), f"spg_{kind}_{suffix}")
+        function = self._functions.get(kind)
+        if function is None:
+            suffix = f"{DTYPES[self.dtype]}_{KEEP_DTYPES[self.keep_dtype]}"
+            function = self._functions[kind] = getattr(self._library, f"spg_{kind}_{suffix}")
         function(self.table, *args, ctypes.c_int(torch.get_num_threads()))
 
 

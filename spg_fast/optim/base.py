@@ -173,6 +173,11 @@ class MaskedOptimizer(Optimizer):
         cached = self._plans.get(id(group))
         if cached is not None and cached.key == key:
             return cached.batches
+        return self._build_plan(group, params, key)
+
+    # torch.compile runs a step's planning eagerly: it builds native libraries and launch tables.
+    @torch.compiler.disable
+    def _build_plan(self, group: dict[str, Any], params: list[Tensor], key: tuple) -> list[Batch]:
         for p in params:
             if p.grad.is_sparse:
                 raise TypeError(

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+# About 5 s of compilation for sm_90.
+@pytest.mark.slow
 def test_full_tiles_use_vector_accesses():
     """Every 32- and 16-bit stream moves a thread's elements in 16-byte accesses, the uint8 keep
     factors in 8-byte ones (eight per thread)."""
