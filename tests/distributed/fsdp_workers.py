@@ -53,10 +53,12 @@ def _full(spg: SPG) -> dict[str, Tensor]:
     return {n: t.detach().clone() for n, t in spg.state_dict(full=True)["keep"].items()}
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, task: int, batches: list) -> None:
+def _train(model: nn.Module, opt: torch.optim.Optimizer, task: int | None, batches: list) -> None:
+    """Steps over ``batches`` on the head of ``task`` (None: a model without heads)."""
     for x, y in batches:
         opt.zero_grad()
-        F.cross_entropy(model(x, task), y).backward()
+        out = model(x) if task is None else model(x, task)
+        F.cross_entropy(out, y).backward()
         opt.step()
 
 
@@ -254,26 +256,58 @@ def _fused_scenario(rank: int) -> dict[str, Any]:
     return result
 
 
-def _no_heads_scenario(rank: int) -> dict[str, Any]:
-    """A model without per-task heads (``heads=None``), bfloat16 importance: against one process."""
-    tasks = make_tasks(n_tasks=2, n_batches=4, batch=8, n_in=N_IN, seed=4)
+NARROW = {"bfloat16": torch.bfloat16, "uint8": torch.uint8}
+
+
+def _narrow_scenario(rank: int, name: str, folder: Path) -> dict[str, Any]:
+    """A model without per-task heads (``heads=None``) keeping its keep factors in ``NARROW[name]``:
+    the importance against one process, a DCP round trip of the shards, and spg_fast.optim's
+    AdamW (native kernels) stepping the shards against one process with the same keep factors."""
+    dtype = NARROW[name]
+    tasks = make_tasks(n_tasks=3, n_batches=4, batch=8, n_in=N_IN, seed=4)
     torch.manual_seed(4)
     plain = nn.Sequential(nn.Linear(N_IN, 33), nn.Tanh(), nn.Linear(33, 3))
     model = nn.Sequential(nn.Linear(N_IN, 33), nn.Tanh(), nn.Linear(33, 3))
     model.load_state_dict(plain.state_dict())
     fully_shard(model)
-    spg = SPG(model, backend="torch", importance_dtype=torch.bfloat16)
-    single = SPG(plain, backend="torch", importance_dtype=torch.bfloat16)
-    for task, batches in enumerate(tasks):
+    spg = SPG(model, backend="torch", importance_dtype=dtype)
+    single = SPG(plain, backend="torch", importance_dtype=dtype)
+    for task, batches in enumerate(tasks[:2]):
         spg.end_task(task, batches[rank * 2 : (rank + 1) * 2])
         single.end_task(task, batches)
     full = _full(spg)
+    # The stored values as numbers: bfloat16 as floats, uint8 as codes.
+    gap = max(
+        float((full[n].double() - k.double()).abs().max()) for n, k in single.keep_factors.items()
+    )
+    dcp.save({"spg": SPGState(spg)}, checkpoint_id=str(folder / f"dcp-{name}"))
+    fresh = SPG(model, backend="torch", importance_dtype=dtype)
+    dcp.load({"spg": SPGState(fresh)}, checkpoint_id=str(folder / f"dcp-{name}"))
+    dcp_equal = fresh.tasks_finished == 2 and all(
+        k.to_local().dtype == dtype and torch.equal(k.to_local(), spg.keep_factors[n].to_local())
+        for n, k in fresh.keep_factors.items()
+    )
+    single.load_state_dict(spg.state_dict(full=True))
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    opt = spg_fast.optim.AdamW(model.parameters(), lr=0.01, spg=spg)
+    single_opt = spg_fast.optim.AdamW(plain.parameters(), lr=0.01, spg=single)
+    _train(
+        model,
+        opt,
+        None,
+        [(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]) for x, y in tasks[2]],
+    )
+    _train(plain, single_opt, None, tasks[2])
+    full_params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
     return {
-        "dtypes": sorted({str(a.dtype) for a in full.values()}),
-        "diff": max(
-            float((full[n].float() - k.float()).abs().max()) for n, k in single.keep_factors.items()
-        ),
+        "dtypes": sorted({str(k.dtype) for k in full.values()}),
+        "gap": gap,
         "head_scale": (float(spg.head_scale), float(single.head_scale)),
+        "dcp_equal": dcp_equal,
+        "fused_diff": max(
+            float((full_params[n] - p.detach()).abs().max()) for n, p in plain.named_parameters()
+        ),
+        "moved": all(not torch.equal(before[n], p) for n, p in full_params.items()),
     }
 
 
@@ -299,6 +333,7 @@ def fsdp_scenarios(rank: int, out: Path) -> dict[str, Any]:
         results[f"failure/{kind}"] = _failure_scenario(rank, kind)
     results["checkpoint"] = _checkpoint_scenario(rank, out)
     results["fused"] = _fused_scenario(rank)
-    results["no_heads"] = _no_heads_scenario(rank)
+    for name in NARROW:
+        results[f"narrow/{name}"] = _narrow_scenario(rank, name, out)
     results["hsdp"] = _hsdp_scenario()
     return results

@@ -15,7 +15,14 @@ import torch.distributed.checkpoint as dcp
 
 from spg_fast import SPG
 from spg_fast.checkpoint import SPGState
-from tests.distributed.fsdp_workers import FUSED_CASES, N_TASKS, SPLITS, ShardNet, fsdp_scenarios
+from tests.distributed.fsdp_workers import (
+    FUSED_CASES,
+    N_TASKS,
+    NARROW,
+    SPLITS,
+    ShardNet,
+    fsdp_scenarios,
+)
 from tests.distributed.workers import WORLD, launch
 
 # Spawning two processes and importing torch in them takes most of this; a hang fails at
@@ -175,14 +182,22 @@ def test_dcp_checkpoint_of_two_ranks_loads_into_one_plain_process(
     assert all(torch.equal(spg.keep_factors[n], want[n]) for n in want)
 
 
-def test_a_model_without_heads_with_bfloat16_importance(ranks: list[dict[str, Any]]) -> None:
+# Two processes sum in another order than one, so a float32 keep factor may differ in its last bit
+# and round the other way: one bfloat16 ulp below 1 (2**-9) or one uint8 code.
+NARROW_GAP = {"bfloat16": 2.0**-9, "uint8": 1}
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_narrow_storage_without_heads_shards_checkpoints_and_steps(
+    ranks: list[dict[str, Any]], name: str
+) -> None:
     for r in ranks:
-        result = r["no_heads"]
-        assert result["dtypes"] == ["torch.bfloat16"]
-        assert (
-            result["diff"] <= 2.0**-9
-        )  # one bfloat16 rounding of values below 1 (a float32 difference may flip it)
+        result = r[f"narrow/{name}"]
+        assert result["dtypes"] == [f"torch.{name}"]
+        assert result["gap"] <= NARROW_GAP[name]
         assert abs(result["head_scale"][0] - result["head_scale"][1]) < 1e-6
+        assert result["dcp_equal"]
+        assert result["moved"] and result["fused_diff"] < 1e-6
 
 
 def test_hsdp_is_refused_clearly(ranks: list[dict[str, Any]]) -> None:
