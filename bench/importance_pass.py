@@ -21,7 +21,9 @@ rounds (the load average is recorded with every round: the machine is shared):
 - ``spg-fast per-head``: ``end_task(shared_forward=False)``;
 - ``spg-fast auto``: ``end_task()`` (dropout 0: the forward shared by all heads, one group);
 - ``spg-fast shared, 2 groups``: ``end_task(shared_forward=True)`` with a memory budget of half the
-  heads' buffers.
+  heads' buffers;
+- ``spg-fast sums only``: the default pass's gradient sums alone, without statistics (against
+  ``floor``: what the schedule saves, whatever the statistics cost).
 Two more tables: the importance step of one head on the model's shared tensors (spg-fast's float64
 statistics over cache-sized chunks, float32 ``var_mean`` + ``tanh``, and the full-size float64
 conversion it replaced), and the backward through the shared part for 10 heads from one captured
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import math
 import os
@@ -49,11 +52,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import spg_fast
-from spg_fast import SPG, reference
+from spg_fast import SPG, PassReport, reference
+from spg_fast._importance_pass import ImportancePass
 from spg_fast.harness.models import alexnet, mlp
 
 HEADS = 20
 BATCH = 64
+AUTHORS = "per-head, float32 stats"
+CONFIGS = (
+    "floor",
+    AUTHORS,
+    "spg-fast per-head",
+    "spg-fast auto",
+    "spg-fast sums only",
+    "spg-fast shared, 2 groups",  # k >= 1
+)
 
 
 class FlatAlexNet(nn.Module):
@@ -177,29 +190,51 @@ def _configurations(model: nn.Module, batches: list, k: int) -> dict[str, Config
     def end_task(**options: object) -> Config:
         return reset, lambda: spg.end_task(k, batches, **options)
 
+    def gradient_sums() -> PassReport:
+        """The pass alone: every head's gradient sums, no statistics (to compare with the
+        floor)."""
+        engine = ImportancePass(
+            model,
+            shared_parameters(model),
+            model.heads.parameters(),
+            list(range(k + 1)),
+            batches,
+            model,
+            lambda head: functools.partial(_head_loss, head=head, k=k),
+            lambda batch: batch,
+        )
+        for _ in engine.run():
+            pass
+        return engine.report
+
     configs: dict[str, Config] = {
         "floor": (_nothing, lambda: _per_head_passes(model, batches, k, stats=False)),
-        "per-head, float32 stats": (
-            _nothing,
-            lambda: _per_head_passes(model, batches, k, stats=True),
-        ),
+        AUTHORS: (_nothing, lambda: _per_head_passes(model, batches, k, stats=True)),
         "spg-fast per-head": end_task(shared_forward=False),
         "spg-fast auto": end_task(),
+        "spg-fast sums only": (_nothing, gradient_sums),
     }
     if k >= 1:
         configs["spg-fast shared, 2 groups"] = end_task(shared_forward=True, memory_budget=half)
     return configs
 
 
-def time_passes(name: str, k: int, n_batches: int, rounds: int, warm_up: bool) -> list[dict]:
-    """Every configuration at task index ``k``, timed in ``rounds`` interleaved rounds; with
-    ``warm_up``, one untimed round first (once per model, thread count and process is enough:
-    later ``k`` reuse the warm allocator and kernels)."""
+def time_passes(
+    name: str, k: int, n_batches: int, rounds: int, warm_up: bool, only: list[str] | None = None
+) -> list[dict]:
+    """Every configuration at task index ``k`` (those named in ``only`` and the authors'
+    procedure, when given), timed in ``rounds`` interleaved rounds; with ``warm_up``, one untimed
+    round first (once per model, thread count and process is enough: later ``k`` reuse the warm
+    allocator and kernels)."""
     build, shape = MODELS[name]
     torch.manual_seed(0)
     model = build().train()
     batches = _batches(shape, n_batches)
-    configs = _configurations(model, batches, k)
+    configs = {
+        label: config
+        for label, config in _configurations(model, batches, k).items()
+        if only is None or label in only or label == AUTHORS
+    }
     if warm_up:
         for setup, fn in configs.values():
             setup()
@@ -222,7 +257,7 @@ def time_passes(name: str, k: int, n_batches: int, rounds: int, warm_up: bool) -
             + ", ".join(f"{label} {t[-1]:.2f}s" for label, t in times.items()),
             flush=True,
         )
-    authors, authors_cpu = times["per-head, float32 stats"], cpu["per-head, float32 stats"]
+    authors, authors_cpu = times[AUTHORS], cpu[AUTHORS]
     rows = []
     for label, t in times.items():
         report = reports[label]
@@ -446,6 +481,12 @@ def main(argv: list[str] | None = None) -> None:
         "--backward-rounds", type=int, default=5, help="0: no backward table (default 5)"
     )
     parser.add_argument(
+        "--configs",
+        default=None,
+        help="semicolon-separated configurations to time besides the authors' procedure "
+        "(default: all)",
+    )
+    parser.add_argument(
         "--threads",
         default=None,
         help="comma-separated torch thread counts, each run in turn (default: torch's choice)",
@@ -456,6 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+    only = [c for c in args.configs.split(";") if c] if args.configs else None
+    if only is not None and not set(only) <= set(CONFIGS):
+        parser.error(f"unknown configuration(s) in --configs; valid: {'; '.join(CONFIGS)}")
     ks = _ints(args.ks)
     if any(not 0 <= k < HEADS for k in ks):
         parser.error(f"--ks must lie in 0..{HEADS - 1}")
@@ -467,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in models:
             for i, k in enumerate(ks):
                 print(f"{name}, k = {k}, {n} thread(s)", flush=True)
-                passes += time_passes(name, k, args.batches, args.rounds, warm_up=i == 0)
+                passes += time_passes(name, k, args.batches, args.rounds, warm_up=i == 0, only=only)
             if args.backward_rounds:
                 backward += time_backward(name, 10, args.backward_rounds)
     stats = [row for name in models for row in time_statistics(name, args.stats_repeats)]
