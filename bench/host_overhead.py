@@ -75,17 +75,22 @@ class _Model(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(1, 1, bias=False)])
 
 
-def _median_us(step: Callable[[], object], params: list[nn.Parameter], repeats: int) -> float:
-    """Median host time of ``step()`` in microseconds, each call after new gradients (untimed)."""
-    times = []
+def _interleaved_medians(
+    cases: dict[str, tuple[Callable[[], object], list[nn.Parameter]]], repeats: int
+) -> dict[str, float]:
+    """Median host time in microseconds of each case's ``step()``, each call after new gradients
+    (untimed, as ``zero_grad()`` and backward give them), the cases interleaved call by call so
+    that a change of load on the machine hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(repeats + 5):
-        for p in params:
-            p.grad = torch.empty_like(p).fill_(0.5)
-        start = time.perf_counter()
-        step()
-        if i >= 5:  # the first calls build the plans
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+        for name, (step, params) in cases.items():
+            for p in params:
+                p.grad = torch.empty_like(p).fill_(0.5)
+            start = time.perf_counter()
+            step()
+            if i >= 5:  # the first calls build the plans
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
 def measure(count: int, repeats: int) -> list[dict]:
@@ -118,12 +123,12 @@ def measure(count: int, repeats: int) -> list[dict]:
         "spg.wrap(torch.optim.AdamW(fused=True)) (update mask)": (wrapped.step, params),
         "spg.mask_gradients()": (spg.mask_gradients, params),
     }
-    rows = []
     with launches_stubbed():
-        for name, (step, grads_of) in cases.items():
-            host = _median_us(step, grads_of, repeats)
-            rows.append(dict(tensors=count, step=name, host_us=host))
-            print(f"{count:5d} tensors  {name:54} {host:9.1f} us", flush=True)
+        medians = _interleaved_medians(cases, repeats)
+    rows = []
+    for name, host in medians.items():
+        rows.append(dict(tensors=count, step=name, host_us=host))
+        print(f"{count:5d} tensors  {name:54} {host:9.1f} us", flush=True)
     return rows
 
 

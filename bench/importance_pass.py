@@ -435,25 +435,27 @@ def markdown(env: dict, passes: list[dict], stats: list[dict], backward: list[di
             f"{r['strategy']} | {r['group_size']} | "
             f"{min(r['load_averages']):.1f}-{max(r['load_averages']):.1f} |"
         )
-    lines += [
-        "",
-        "## Importance step of one head (all shared tensors)",
-        "",
-        "| model | params | implementation | ms | vs float32 |",
-        "|---|---|---|---|---|",
-    ]
+    if stats:
+        lines += [
+            "",
+            "## Importance step of one head (all shared tensors)",
+            "",
+            "| model | params | implementation | ms | vs float32 |",
+            "|---|---|---|---|---|",
+        ]
     for r in stats:
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['impl']} | {r['seconds'] * 1e3:.2f} | "
             f"{r['vs_float32']:.2f}x |"
         )
-    lines += [
-        "",
-        "## Backward through the shared part for several heads (one batch)",
-        "",
-        "| model | threads | heads | implementation | ms | vs one per head | load |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    if backward:
+        lines += [
+            "",
+            "## Backward through the shared part for several heads (one batch)",
+            "",
+            "| model | threads | heads | implementation | ms | vs one per head | load |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for r in backward:
         lines.append(
             f"| {r['model']} | {r['threads']} | {r['heads']} | {r['impl']} | "
@@ -476,7 +478,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", default="0,4,9,19")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--stats-repeats", type=int, default=15)
+    parser.add_argument(
+        "--stats-repeats", type=int, default=15, help="0: no statistics table (default 15)"
+    )
     parser.add_argument(
         "--backward-rounds", type=int, default=5, help="0: no backward table (default 5)"
     )
@@ -514,7 +518,12 @@ def main(argv: list[str] | None = None) -> None:
                 passes += time_passes(name, k, args.batches, args.rounds, warm_up=i == 0, only=only)
             if args.backward_rounds:
                 backward += time_backward(name, 10, args.backward_rounds)
-    stats = [row for name in models for row in time_statistics(name, args.stats_repeats)]
+    stats = [
+        row
+        for name in models
+        if args.stats_repeats
+        for row in time_statistics(name, args.stats_repeats)
+    ]
     env["load_average_at_end"] = os.getloadavg()
     (args.out / "results.md").write_text(markdown(env, passes, stats, backward))
     (args.out / "results.json").write_text(

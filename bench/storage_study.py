@@ -3,10 +3,11 @@
 
     python -m bench.storage_study --out bench/results/<machine>-storage
         [--sequences digits-permuted,fashion-mnist] [--seeds 0,1,2,3,4] [--epochs 20]
-        [--optimizers sgd:0.1,adamw:1e-3]
+        [--optimizers sgd:0.1,adamw:1e-3] [--formats float32,bfloat16,uint8]
 
 One ``bench.adaptive`` run per format into ``<out>/<format>/`` (fine-tuning only once, in the
-float32 folder: it stores nothing), then ``storage.{md,json}``: per sequence, optimizer and format,
+float32 folder: it stores nothing; ``--formats`` runs some formats again and keeps the others'
+folders), then ``storage.{md,json}``: per sequence, optimizer and format,
 ACC, forgetting and BWT (mean ± sample standard deviation over the seeds), the paired per-seed
 difference in forgetting from float32 storage, and the bytes SPG keeps per shared parameter.
 """
@@ -47,7 +48,11 @@ def table(out: Path) -> tuple[str, list[dict[str, Any]]]:
         "| forgetting vs float32 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (sequence, optimizer, lr, label), runs in by.items():
+    order = ["finetune", *FORMATS]
+    first = {key[:3]: i for i, key in reversed(list(enumerate(by)))}
+    for (sequence, optimizer, lr, label), runs in sorted(
+        by.items(), key=lambda item: (first[item[0][:3]], order.index(item[0][3]))
+    ):
         base = by.get((sequence, optimizer, lr, "float32"), {})
         paired = [r["forgetting"] - base[s]["forgetting"] for s, r in runs.items() if s in base]
         row = {
@@ -80,12 +85,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", default="20")
     parser.add_argument("--optimizers", default="sgd:0.1,adamw:1e-3")
     parser.add_argument("--tasks", help="only the first this many tasks of each sequence")
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help="the formats to run (the others are read)"
+    )
     args = parser.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    if not set(formats) <= set(FORMATS):
+        parser.error(f"--formats takes {', '.join(FORMATS)}")
     common = ["--sequences", args.sequences, "--seeds", args.seeds, "--epochs", args.epochs]
     common += ["--optimizers", args.optimizers, "--overwrite"]
     if args.tasks:
         common += ["--tasks", args.tasks]
-    for fmt in FORMATS:
+    for fmt in formats:
         methods = "finetune,spg" if fmt == "float32" else "spg"
         adaptive.main(
             ["--out", str(args.out / fmt), *common, "--methods", methods, "--importance-dtype", fmt]
