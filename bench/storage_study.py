@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     markdown, rows = table(args.out)
     header = (
         "# SPG's keep factors stored as float32, bfloat16 and uint8\n\n"
-        f"`python -m bench.storage_study {' '.join(argv or [])}`; the runs and their environment "
+        f"`python -m bench.storage_study {' '.join(sys.argv[1:] if argv is None else argv)}`; the "
+        "runs, their commands and their environment "
         "are in the per-format folders (results.json).\n\n"
     )
     (args.out / "storage.md").write_text(header + markdown)

@@ -45,7 +45,7 @@ class SPGPlugin(SupervisedPlugin):
       ``model(x, task_label)``; each experience needs a task label of its own. Without heads
       (``heads=None``) the model is called as Avalanche calls it (``avalanche_forward``).
     - Checkpoints: the plugin, SPG included, is part of the strategy, so
-      ``avalanche.training.checkpoint.save_checkpoint`` / ``maybe_load_checkpoint`` carry it (after
+      ``avalanche.checkpointing.save_checkpoint`` / ``maybe_load_checkpoint`` carry it (after
       a load, the strategy holds new plugin and SPG objects: use ``plugin.spg`` of the plugin in
       ``strategy.plugins``). ``state_dict`` / ``load_state_dict`` give the state for a checkpoint
       of your own (``torch.load(weights_only=True)`` reads it).
