@@ -137,8 +137,10 @@ def _markdown(rows: list[dict], env: dict) -> str:
     steps = list(dict.fromkeys(r["step"] for r in rows))
     by = {(r["tensors"], r["step"]): r["host_us"] for r in rows}
     lines = [
-        f"Host time per step, launches stubbed out (median, microseconds); {env['cpu']}, torch "
-        f"{env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date']}.",
+        f"Host time per step, launches stubbed out (median of {env['repeats']} interleaved calls, "
+        f"microseconds); {env['cpu']}, torch {env['torch']}, triton {env['triton']}, "
+        f"{env['threads']} threads, load average {env['load_before']} before and "
+        f"{env['load_after']} after, {env['date']}.",
         "",
         "| step | " + " | ".join(f"{c} tensors" for c in counts) + " |",
         "|---|" + "---|" * len(counts),
@@ -173,11 +175,14 @@ def main(argv: list[str] | None = None) -> None:
         "triton": triton.__version__,
         "spg_fast": spg_fast.__version__,
         "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "load_before": round(os.getloadavg()[0], 2),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     rows = [
         row for count in map(int, args.counts.split(",")) for row in measure(count, args.repeats)
     ]
+    env["load_after"] = round(os.getloadavg()[0], 2)
     print(_markdown(rows, env))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

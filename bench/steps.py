@@ -8,9 +8,10 @@ million, one small head), timed with ``time.perf_counter`` around ``opt.step()``
 interleaved round by round so that a load change on the machine hits them alike; the median of
 ``--rounds`` rounds. Cases: torch's fused SGD-momentum and AdamW without SPG (the yardsticks);
 ``spg_fast.optim`` (the native CPU kernels) in both mask modes and every storage format; and
-``spg.wrap`` around torch's fused optimizer in update mode (torch's step, then a snapshot copy and
-the change scaled by the reference ops). Each ratio is to the unmasked fused step of the same
-optimizer; the bytes model gives the floor that ratio could reach on a memory-bound machine.
+``spg.wrap`` around torch's fused optimizer in update mode (a snapshot copy, torch's step, then
+the change scaled in one pass by the native kernel). Each ratio is to the unmasked fused step of
+the same optimizer; the bytes model gives the floor that ratio could reach on a memory-bound
+machine.
 Writes ``steps.{md,json}``.
 """
 
@@ -51,13 +52,13 @@ def stream_bytes(optimizer: str, keep_bytes: int | None, wrap_update: bool) -> i
     """Bytes per float32 element one step must move: the optimizer's own streams (SGD-momentum
     reads p, g, buf and writes p, buf; AdamW reads p, g, m, v and writes p, m, v), the stored keep
     factor read once, and for update masking around torch's step a snapshot copy (read p, write
-    the copy) and the scaling (read p, the copy and the keep factor, write the copy; copy back)."""
+    the copy) and the scaling in one pass (read p, the copy and the keep factor, write p)."""
     own = {"sgd": 5 * 4, "adamw": 7 * 4}[optimizer]
     if keep_bytes is None:
         return own
     if not wrap_update:
         return own + keep_bytes
-    return own + 8 + (12 + keep_bytes) + 8
+    return own + 8 + (12 + keep_bytes)
 
 
 def _cases(numel: int) -> dict[str, tuple[str, Callable[[], Any], int]]:

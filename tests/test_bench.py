@@ -77,3 +77,26 @@ def test_runner_writes_tables_csv_and_plots(tmp_path, monkeypatch):
     assert env["stream_bandwidth_GBps"] > 0 and env["torch"]
     assert "## adamw_masked" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "mask.png").exists() and (tmp_path / "adamw_masked.png").exists()
+
+
+def test_steps_bench_counts_the_bytes_each_case_moves(tmp_path):
+    from bench import steps
+
+    rows = steps.main(["--numel", "3e5", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)])
+    by = {r["case"]: r for r in rows}
+    assert len(by) == 18 and all(r["ms"] > 0 for r in rows)
+    # AdamW: p, g, m, v read and p, m, v written; a one-byte keep factor read once more; around
+    # torch's step a snapshot (read p, write it) and the scaling (read p, it, the keep; write p).
+    assert by["torch adamw fused (no SPG)"]["bytes_per_element"] == 28
+    assert by["spg_fast.optim adamw update u8"]["bytes_per_element"] == 29
+    assert by["spg.wrap(torch adamw fused) update u8"]["bytes_per_element"] == 28 + 8 + 13
+    assert by["spg.wrap(torch sgd fused) update f32"]["bytes_per_element"] == 20 + 8 + 16
+    assert (tmp_path / "steps.md").read_text().count("\n| ") == 19
+
+
+def test_host_overhead_bench_times_every_case_in_a_real_loop(tmp_path):
+    from bench import host_overhead
+
+    host_overhead.main(["--counts", "4", "--repeats", "3", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
+    assert len(rows) == 7 and all(r["tensors"] == 4 and r["host_us"] > 0 for r in rows)

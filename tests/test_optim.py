@@ -381,3 +381,76 @@ def test_tensor_subclass_parameters_are_refused():
         TypeError, match=r"SGD.add_param_group: a parameter of shape \(12, 6\) is a _Sub"
     ):
         optim.SGD(subclassed, lr=0.1, spg=spg)
+
+
+# A setting that changes which state tensors a step uses, switched on between steps: ours builds a
+# new plan. Torch's SGD creates the momentum buffer then; torch's Adam raises a KeyError for a
+# state without max_exp_avg_sq, so its twin gets that state as zeros (what ours creates).
+SWITCHED = {"sgd": ("momentum", 0.9), "adam": ("amsgrad", True)}
+
+
+@pytest.mark.parametrize("name", list(SWITCHED))
+def test_a_setting_switched_on_between_steps_is_honoured(name, backend):
+    ours_cls, torch_cls, kwargs = CONFIGS[name]
+    model, spg, tasks = _setup(backend)
+    spg.end_task(0, tasks[0])
+    twin = copy.deepcopy(model)
+    ours = ours_cls(model.parameters(), spg=spg, mask="update", **kwargs)
+    theirs = torch_cls(twin.parameters(), **kwargs)
+    twin_spg = SPG(twin, heads=twin.heads, backend="torch")
+    twin_spg.load_state_dict(spg.state_dict())
+    setting, value = SWITCHED[name]
+    for i in range(4):
+        if i == 2:
+            builds = ours.plan_builds
+            for opt in (ours, theirs):
+                opt.param_groups[0][setting] = value
+            for state in theirs.state.values():
+                if name == "adam":
+                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+        batch = tasks[1][i % len(tasks[1])]
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            _loss_step(m, 1, batch)
+        ours.step()
+        params = [p for p in twin.parameters() if p.grad is not None]
+        before = [p.detach().clone() for p in params]
+        theirs.step()
+        scale_the_change(twin_spg, params, before)
+    assert ours.plan_builds == builds + 1
+    for (pname, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **TOL, msg=pname)
+
+
+@pytest.mark.parametrize("name", ["sgd-momentum-wd", "adamw"])
+def test_named_parameters_step_as_the_plain_ones_and_their_state_loads_into_torch(name, backend):
+    ours_cls, torch_cls, kwargs = CONFIGS[name]
+    model, spg, tasks = _setup(backend)
+    spg.end_task(0, tasks[0])
+    twin = copy.deepcopy(model)
+    twin_spg = SPG(twin, heads=twin.heads, backend=backend)
+    twin_spg.load_state_dict(spg.state_dict())
+    heads = [(n, p) for n, p in model.named_parameters() if n.startswith("heads")]
+    trunk = [(n, p) for n, p in model.named_parameters() if not n.startswith("heads")]
+    named = ours_cls([{"params": trunk}, {"params": heads, "lr": 1e-3}], spg=spg, **kwargs)
+    twin_heads = [p for n, p in twin.named_parameters() if n.startswith("heads")]
+    twin_trunk = [p for n, p in twin.named_parameters() if not n.startswith("heads")]
+    plain = ours_cls(
+        [{"params": twin_trunk}, {"params": twin_heads, "lr": 1e-3}], spg=twin_spg, **kwargs
+    )
+    for batch in tasks[1][:3]:
+        for m, opt in ((model, named), (twin, plain)):
+            opt.zero_grad()
+            _loss_step(m, 1, batch)
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = named.state_dict()
+    assert state["param_groups"][1]["param_names"] == [n for n, _ in heads]
+    theirs = torch_cls(
+        [{"params": list(copy.deepcopy(model).named_parameters())[: len(trunk)]},
+         {"params": list(copy.deepcopy(model).named_parameters())[len(trunk):], "lr": 1e-3}],
+        **kwargs,
+    )  # fmt: skip
+    theirs.load_state_dict(state)
+    assert theirs.state_dict()["param_groups"][1]["param_names"] == [n for n, _ in heads]

@@ -109,6 +109,9 @@ class Adam(MaskedOptimizer):
             [s["step"] for s in states],
         ), first
 
+    def state_layout(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["amsgrad"]),)
+
     @staticmethod
     def _hyper(group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]

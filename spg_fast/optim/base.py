@@ -111,8 +111,9 @@ class MaskedOptimizer(Optimizer):
     are kept). All take GradScaler's ``grad_scale``/``found_inf``.
 
     A group's plan (its batches, state lists and prepared fused steps, whose launch tables are built
-    once) is reused while the same parameters have gradients, SPG's mask is unchanged and ``state``
-    is the same mapping of as many entries: in a training loop with ``zero_grad()`` a steady-state
+    once) is reused while the same parameters have gradients, SPG's mask is unchanged, ``state``
+    is the same mapping of as many entries and the group's settings ask for the same state tensors
+    (``state_layout``): in a training loop with ``zero_grad()`` a steady-state
     step only reads the gradients and points the launch at them. ``load_state_dict`` and unpickling
     drop the plans. ``plan_builds`` counts the plans built.
     """
@@ -169,7 +170,13 @@ class MaskedOptimizer(Optimizer):
     def plan(self, group: dict[str, Any], params: list[Tensor]) -> list[Batch]:
         """The batches of one param group's step (``params``: those with a gradient), built when
         the group's key changed (see the class docstring), their state created."""
-        key = (tuple(map(id, params)), self.spg._generation, id(self.state), len(self.state))
+        key = (
+            tuple(map(id, params)),
+            self.spg._generation,
+            id(self.state),
+            len(self.state),
+            self.state_layout(group),
+        )
         cached = self._plans.get(id(group))
         if cached is not None and cached.key == key:
             return cached.batches
@@ -195,7 +202,7 @@ class MaskedOptimizer(Optimizer):
         batches = [self._batch(group, ps, ks) for ps, ks in by_dtype.values()]
         self.plan_builds += 1
         # The plan is keyed by the state's size after this step created what was missing.
-        key = (key[0], key[1], id(self.state), len(self.state))
+        key = (key[0], key[1], id(self.state), len(self.state), key[4])
         later = [replace(b, first_step=[False] * len(b.params)) for b in batches]
         self._plans[id(group)] = _GroupPlan(key, later)
         return batches
@@ -264,6 +271,12 @@ class MaskedOptimizer(Optimizer):
     ) -> tuple[tuple[list[Tensor], ...], list[bool]]:
         """The state tensors of ``params`` (created where missing), as the step kernels take them,
         and per parameter whether this is its first step (it had no state)."""
+        raise NotImplementedError
+
+    def state_layout(self, group: dict[str, Any]) -> tuple:
+        """The settings of ``group`` that decide which state tensors its step uses (SGD's
+        momentum on or off, Adam's amsgrad): part of the plan's key, so that changing one between
+        steps builds a new plan, as torch builds its state lists on every step."""
         raise NotImplementedError
 
     def prepare(

@@ -75,6 +75,9 @@ class SGD(MaskedOptimizer):
                 self.state[p]["momentum_buffer"] = buffer
         return ([self.state[p]["momentum_buffer"] for p in params],), first
 
+    def state_layout(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["momentum"]),)
+
     @staticmethod
     def _hyper(group: dict[str, Any]) -> dict[str, Any]:
         return dict(
