@@ -25,26 +25,28 @@ STATE_FORMAT = 1
 before) still loads."""
 
 
-def checked_end_task_options(spg: SPG, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+def checked_end_task_options(
+    spg: SPG | type[SPG], options: Mapping[str, Any], where: str
+) -> dict[str, Any]:
     """``options`` as keyword arguments for ``spg.end_task`` (everything but the task id and the
     loader, which the integration supplies); a name ``end_task`` does not take is a ``TypeError``
     now rather than at the end of training.
 
     Args:
-        spg: the SPG object the options are for.
+        spg: the SPG object the options are for, or the class ``SPG`` for one built later.
         options: the keyword arguments given to the integration.
         where: the integration's name, for the errors.
 
     Returns:
         A copy of ``options``.
     """
-    if not isinstance(spg, SPG):
+    if spg is not SPG and not isinstance(spg, SPG):
         raise TypeError(f"{where} needs an spg_fast.SPG object, got {type(spg).__name__}")
-    signature = inspect.signature(spg.end_task)
+    signature = inspect.signature(SPG.end_task)
     try:
-        signature.bind(0, (), **options)
+        signature.bind(None, 0, (), **options)
     except TypeError as err:
-        accepted = [n for n in signature.parameters if n not in ("task_id", "loader")]
+        accepted = [n for n in signature.parameters if n not in ("self", "task_id", "loader")]
         raise TypeError(
             f"{where}: {err}; the options are passed to SPG.end_task, which takes "
             f"{', '.join(accepted)} (the integration supplies the task id and the loader)"
@@ -171,9 +173,11 @@ def checkpoint_state(spg: SPG, *, ended: bool, over: bool | None) -> dict[str, A
         over: whether the run's training was over when the checkpoint was written (None: unknown).
 
     Returns:
-        ``{"format": STATE_FORMAT, "spg": spg.state_dict(), "ended": ended, "over": over}``.
+        ``{"format": STATE_FORMAT, "spg": spg.state_dict(full=True), "ended": ended, "over":
+        over}``: full tensors also on an FSDP2 model (gathered: every process calls it, as
+        frameworks do when they write a checkpoint), so any process's copy restores SPG.
     """
-    return {"format": STATE_FORMAT, "spg": spg.state_dict(), "ended": ended, "over": over}
+    return {"format": STATE_FORMAT, "spg": spg.state_dict(full=True), "ended": ended, "over": over}
 
 
 def read_checkpoint_state(state: Mapping[str, Any], where: str) -> tuple[dict[str, Any], Saved]:

@@ -4,9 +4,11 @@ the last checkpoint of a task included."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spg_fast.integrations.base import (
@@ -18,7 +20,7 @@ from spg_fast.integrations.base import (
     end_current_task,
     read_checkpoint_state,
 )
-from spg_fast.mask_mode import MaskMode
+from spg_fast.mask_mode import MaskMode, check_mask
 from spg_fast.spg import SPG
 
 try:
@@ -28,6 +30,7 @@ try:
         DDPStrategy,
         DeepSpeedStrategy,
         FSDPStrategy,
+        ModelParallelStrategy,
         SingleDeviceStrategy,
     )
 except ImportError as err:  # pragma: no cover - depends on the environment
@@ -58,8 +61,15 @@ class SPGCallback(pl.Callback):
       model (the LightningModule or a submodule), as on one process. Each process measures its
       own share of the data (Lightning's distributed sampler) and the gradient sums are added over
       the DDP group, so every process ends the task with the importance of all the data.
-      Lightning's ``"fsdp"`` strategy (FSDP1's flat parameters), ``ModelParallelStrategy`` and
-      DeepSpeed are refused when the fit starts.
+    - FSDP2 (``ModelParallelStrategy`` with a tensor-parallel size of 1, the model sharded with
+      ``fully_shard`` in ``configure_model``): pass a function that builds SPG instead of SPG
+      (``SPGCallback(lambda module: SPG(module.net, heads="heads"))``); it is called once, when
+      the first fit starts, after ``configure_model`` sharded the model (SPG is built on the
+      sharded parameters), and ``spg`` is the SPG it built. ``configure_model`` must leave an
+      already sharded model as it is (later fits call it again). Each process measures its share
+      of the data and ends the task with the importance of all of it, as under DDP.
+      Lightning's ``"fsdp"`` strategy (FSDP1's flat parameters), tensor parallelism and DeepSpeed
+      are refused when the fit starts.
     - Checkpoints: every Lightning checkpoint holds SPG's state under
       ``checkpoint["callbacks"]["SPGCallback"]`` (``spg_fast.integrations.base.checkpoint_state``)
       and ``fit(ckpt_path=...)`` restores it. Checkpoints written at the step where training ended
@@ -71,30 +81,54 @@ class SPGCallback(pl.Callback):
       is refused before its first step.
 
     Args:
-        spg: the SPG object of the model the LightningModule trains.
+        spg: the SPG object of the model the LightningModule trains, or (needed under FSDP2) a
+            function that builds it from the LightningModule when the first fit starts.
         mask: ``"auto"`` (the default), ``"gradient"`` or ``"update"`` (``spg_fast.mask_mode``).
         **end_task_options: keyword arguments for ``spg.end_task`` (not the task id or loader).
     """
 
-    def __init__(self, spg: SPG, *, mask: MaskMode = "auto", **end_task_options: Any) -> None:
-        self.spg = spg
-        self.end_task_options = checked_end_task_options(spg, end_task_options, _WHERE)
-        self._optimizers = MaskedOptimizers(spg, mask)
+    def __init__(
+        self,
+        spg: SPG | Callable[[pl.LightningModule], SPG],
+        *,
+        mask: MaskMode = "auto",
+        **end_task_options: Any,
+    ) -> None:
+        self._build: Callable[[pl.LightningModule], SPG] | None = None
+        self.spg: SPG | None = None
+        self._optimizers: MaskedOptimizers | None = None
+        if isinstance(spg, SPG | nn.Module) or not callable(spg):
+            self._use(spg, end_task_options, mask)
+        else:
+            self._build = spg
+            check_mask(mask)
+            self._options = checked_end_task_options(SPG, end_task_options, _WHERE)
+            self._mask = mask
         self._pending: dict[str, Any] | None = None
         self._run: TaskRun | None = None  # the current fit's, or the last one's
         self._trainer: pl.Trainer | None = None  # while a fit runs
         self._saves: _Saves | None = None
         self._fitting = False
 
+    def _use(self, spg: SPG, options: dict[str, Any], mask: MaskMode) -> None:
+        self.end_task_options = checked_end_task_options(spg, options, _WHERE)
+        self._optimizers = MaskedOptimizers(spg, mask)
+        self.spg = spg
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            _check_strategy(trainer)
-            check_model_holds(self.spg, pl_module, _WHERE)
-            self._run = TaskRun(self.spg, _WHERE)
+            _check_strategy(trainer, built=self._build is None)
+            if self.spg is not None:
+                check_model_holds(self.spg, pl_module, _WHERE)
             self._trainer = trainer
             self._saves = _Saves(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model and the strategy's setup (an FSDP2 model is sharded by now).
+        if self.spg is None:
+            self._use(self._build(pl_module), self._options, self._mask)
+            check_model_holds(self.spg, pl_module, _WHERE)
+        self._run = TaskRun(self.spg, _WHERE)
         # Lightning restores callback state before it moves the model to its device; applied now,
         # SPG's state lands on the parameters' device.
         self._fitting = True
@@ -153,7 +187,8 @@ class SPGCallback(pl.Callback):
         self._fit_over()  # Lightning skips the teardown hooks when a fit fails
 
     def _fit_over(self) -> None:
-        self._optimizers.release()
+        if self._optimizers is not None:
+            self._optimizers.release()
         if self._saves is not None:
             self._saves.remove()
         self._saves = None
@@ -181,10 +216,27 @@ class SPGCallback(pl.Callback):
         self._run.resumed = saved
 
 
-def _check_strategy(trainer: pl.Trainer) -> None:
-    """Refuse the strategies SPG cannot mask or measure under, naming what to use instead."""
+def _check_strategy(trainer: pl.Trainer, built: bool) -> None:
+    """Refuse the strategies SPG cannot mask or measure under, naming what to use instead
+    (``built``: the callback was given SPG itself rather than a function that builds it)."""
     strategy = trainer.strategy
     name = type(strategy).__name__
+    if isinstance(strategy, ModelParallelStrategy):
+        tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel != 1:
+            raise RuntimeError(
+                f"{_WHERE}: {name} with a tensor-parallel size of {tensor_parallel}: SPG runs "
+                "under FSDP2 on a one-dimensional mesh; use "
+                "ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1)"
+            )
+        if built:
+            raise RuntimeError(
+                f"{_WHERE}: under {name} the model is sharded in configure_model, after this SPG "
+                "was built on its unsharded parameters; pass a function that builds SPG from the "
+                "LightningModule instead (SPGCallback(lambda module: SPG(module.net, ...))): it "
+                "is called once the model is sharded"
+            )
+        return
     if isinstance(strategy, DeepSpeedStrategy):
         raise RuntimeError(
             f"{_WHERE}: DeepSpeed ({name}) steps its own partitioned copies of the parameters, "

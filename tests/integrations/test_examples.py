@@ -1,6 +1,7 @@
 """The framework examples, run as a user runs them (slow): the single-process ones to the end, the
-DDP ones on 2 gloo processes on the CPU, whose every rank must end each task with the same
-importance, that of one process over all the data (within 1e-5), and mask AdamW's update."""
+DDP ones (and Lightning's under FSDP2) on 2 gloo processes on the CPU, whose every rank must end
+each task with the same importance, that of one process over all the data (within 1e-5), and mask
+AdamW's update."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def test_single_process_example_runs(name: str) -> None:
     assert "SPG" in output and "task 1" in output
 
 
-def test_lightning_ddp_example(tmp_path: Path) -> None:
-    output = run(sys.executable, EXAMPLES / "lightning_ddp.py", "--out", tmp_path)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lightning_ddp_example(tmp_path: Path, strategy: str) -> None:
+    options = ["--fsdp2"] if strategy == "fsdp2" else []
+    output = run(sys.executable, EXAMPLES / "lightning_ddp.py", *options, "--out", tmp_path)
     assert "task 2: ended on 2 process(es)" in output
     example = load("lightning_ddp")
     ranks = ranks_of(tmp_path)
@@ -55,7 +58,8 @@ def test_lightning_ddp_example(tmp_path: Path) -> None:
     check_ranks(ranks, reference, net_of)
     assert protected(ranks) < 0.3
     for task in range(example.TASKS):  # the last checkpoint of each task holds it
-        saved = torch.load(tmp_path / f"task{task}" / "last.ckpt", weights_only=True)
+        last = tmp_path / f"task{task}" / "last.ckpt"  # FSDP2: a folder, the shards and meta.pt
+        saved = torch.load(last / "meta.pt" if last.is_dir() else last, weights_only=True)
         state = saved["callbacks"]["SPGCallback"]
         assert state["ended"] is True and state["spg"]["tasks_finished"] == task + 1
 

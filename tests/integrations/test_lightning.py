@@ -375,19 +375,54 @@ def test_a_lightning_adamw_is_protected_by_the_update_mask(after_task0, tmp_path
     assert ratios["high"] < 0.15 and ratios["low"] > 0.8, ratios
 
 
+def _model_parallel(tensor_parallel: int) -> ModelParallelStrategy:
+    """A ModelParallelStrategy as set up on processes whose mesh has ``tensor_parallel`` ranks per
+    tensor-parallel group."""
+    strategy = ModelParallelStrategy()
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: tensor_parallel)}
+    return strategy
+
+
 @pytest.mark.parametrize(
     ("strategy", "words"),
     [
         (lambda: FSDPStrategy(), "'fsdp' (FSDPStrategy) is FSDP1"),
         (lambda: DeepSpeedStrategy.__new__(DeepSpeedStrategy), "DeepSpeed"),
-        (lambda: ModelParallelStrategy(), "ModelParallelStrategy is not supported"),
+        (lambda: _model_parallel(2), "ModelParallelStrategy with a tensor-parallel size of 2"),
+        (lambda: _model_parallel(1), "pass a function that builds SPG from the LightningModule"),
     ],
-    ids=["fsdp", "deepspeed", "model_parallel"],
+    ids=["fsdp", "deepspeed", "tensor_parallel", "model_parallel_spg_built_before_sharding"],
 )
 def test_strategies_spg_cannot_run_under_are_refused(after_task0, strategy, words):
     """Lightning's "fsdp" needs a GPU and its DeepSpeed strategy the deepspeed package, so the
-    callback's check sees their strategy objects directly."""
+    callback's check sees their strategy objects directly (FSDP2 under ModelParallelStrategy runs
+    in tests/integrations/test_examples.py)."""
     module, spg, _ = after_task0
     trainer = SimpleNamespace(strategy=strategy())
     with pytest.raises(RuntimeError, match=re.escape(words)):
         SPGCallback(spg).setup(trainer, module, "fit")
+
+
+def test_a_function_that_builds_spg_is_called_once_when_the_first_fit_starts(tmp_path):
+    """The way SPG is given under FSDP2 (tests/integrations/test_examples.py), here on one process:
+    built from the LightningModule when the first fit starts, then kept; its options are checked
+    when the callback is made, what it returns when it is called."""
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'loss'.*loss_fn"):
+        SPGCallback(lambda module: SPG(module.net, heads=module.net.heads), loss=F.cross_entropy)
+    module, loaders = _module(seed=0), _loaders()
+    module.adamw = True
+    built = []
+
+    def build(pl_module):
+        built.append(SPG(pl_module.net, heads=pl_module.net.heads))
+        return built[-1]
+
+    callback = SPGCallback(build)
+    assert callback.spg is None
+    for task in range(2):
+        module.task = task
+        _fit(module, loaders[task], tmp_path / f"task{task}", [callback])
+    assert len(built) == 1 and callback.spg is built[0] and built[0].tasks_finished == 2
+    wrong = SPGCallback(lambda pl_module: pl_module.net)
+    with pytest.raises(TypeError, match=r"needs an spg_fast\.SPG object, got MultiHeadNet"):
+        _fit(module, loaders[0], tmp_path / "wrong", [wrong])
