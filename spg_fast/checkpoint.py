@@ -24,7 +24,14 @@ from spg_fast.spg import SPG
 
 class SPGState:
     """A ``torch.distributed.checkpoint.stateful.Stateful`` for ``spg``; see the module docstring.
-    Holds a copy of the keep factors only while DCP works with its ``state_dict()``."""
+    Holds a copy of the keep factors only while DCP works with its ``state_dict()``.
+
+    Args:
+        spg: the SPG object whose state goes into the checkpoint.
+
+    Raises:
+        TypeError: ``spg`` is not an ``spg_fast.SPG``.
+    """
 
     def __init__(self, spg: SPG) -> None:
         if not isinstance(spg, SPG):
@@ -33,7 +40,12 @@ class SPGState:
 
     def state_dict(self) -> dict[str, Any]:
         """``SPG.state_dict()`` with a copy of every shared parameter's stored keep factors (keep
-        factors of 1, no importance, before the first task)."""
+        factors of 1, no importance, before the first task).
+
+        Returns:
+            ``{"format", "tasks_finished", "keep": {name: tensor}}``, the tensors DTensors on an
+                FSDP2 model (each rank's shard).
+        """
         state = self.spg.state_dict()
         keep = {
             name: self.spg._stored_like(name, param).clone()
@@ -43,6 +55,10 @@ class SPGState:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Install what DCP read (``SPG.load_state_dict``; the keep factors of a checkpoint taken
-        before the first task are dropped)."""
+        before the first task are dropped).
+
+        Args:
+            state_dict: ``state_dict()``'s structure, filled by ``torch.distributed.checkpoint``.
+        """
         tasks = state_dict.get("tasks_finished")
         self.spg.load_state_dict({**state_dict, "keep": state_dict.get("keep") if tasks else {}})

@@ -31,7 +31,15 @@ MASK_MODES: tuple[str, ...] = ("auto", "gradient", "update")
 
 
 def check_mask(mask: object, where: str = "mask") -> None:
-    """Raise ``ValueError`` naming ``where`` unless ``mask`` is one of ``MASK_MODES``."""
+    """Raise ``ValueError`` naming ``where`` unless ``mask`` is one of ``MASK_MODES``.
+
+    Args:
+        mask: the mask mode to check, of any type.
+        where: the name the error gives the value (an option or argument name).
+
+    Raises:
+        ValueError: ``mask`` is not one of ``MASK_MODES``.
+    """
     if mask not in MASK_MODES:
         raise ValueError(f"{where}={mask!r} is not one of {', '.join(map(repr, MASK_MODES))}")
 
@@ -46,7 +54,17 @@ def resolve(
     mask: MaskMode, optimizer: torch.optim.Optimizer, group: Mapping[str, Any]
 ) -> Literal["gradient", "update"]:
     """The mode one param group of ``optimizer`` is masked in: ``mask`` itself unless it is
-    ``"auto"``, which the module docstring resolves."""
+    ``"auto"``, which the module docstring resolves.
+
+    Args:
+        mask: ``"auto"``, ``"gradient"`` or ``"update"`` (not checked here: see ``check_mask``).
+        optimizer: the optimizer the group belongs to; for ``"auto"`` only its exact type counts
+            (a subclass of ``torch.optim.SGD`` gets ``"update"``).
+        group: the param group; a missing or zero ``"weight_decay"`` counts as none.
+
+    Returns:
+        ``"gradient"`` or ``"update"``.
+    """
     if mask != "auto":
         return mask
     if _linear_in_gradient(optimizer) and not group.get("weight_decay"):

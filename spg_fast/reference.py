@@ -36,7 +36,15 @@ __all__ = [
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype SPG computes and stores importance in for a tensor of ``dtype``: float32
-    or wider."""
+    or wider.
+
+    Args:
+        dtype: the tensor's dtype.
+
+    Returns:
+        ``torch.promote_types(dtype, torch.float32)``: float32 for float32 and narrower dtypes,
+            float64 for float64.
+    """
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -67,7 +75,14 @@ def _buffer(n: int, device: torch.device) -> Tensor:
 def float64_sum(x: Tensor) -> Tensor:
     """The sum of ``x`` in float64 over chunks, with no full-size float64 copy
     (``x.sum(dtype=torch.float64)`` converts the whole tensor first on the CPU: 20 ms against 2.2 ms
-    for 4.7M float32 elements on this machine, one thread)."""
+    for 4.7M float32 elements on this machine, one thread).
+
+    Args:
+        x: a tensor of any shape, dtype and device; may be empty.
+
+    Returns:
+        A 0-dim float64 tensor on ``x``'s device (0 for an empty ``x``).
+    """
     flat = x.reshape(-1)
     buf = _buffer(flat.numel(), x.device)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -147,7 +162,15 @@ def moments(h: Tensor) -> Tensor:
     statistics. These are what ``merge_moments`` merges, so that a tensor split into pieces (shards
     on several processes) gets the statistics of the whole, and what ``standardizer`` turns into the
     standardisation. The mean stays split into a pivot and a small offset, so that a mean which
-    dwarfs the spread costs no precision. Empty ``h``: zeros, finite."""
+    dwarfs the spread costs no precision.
+
+    Args:
+        h: a tensor of any shape and device; may be empty.
+
+    Returns:
+        A float64 tensor of shape ``[5]`` on ``h``'s device; ``finite`` is 1.0 or 0.0. Empty ``h``:
+            zeros, finite.
+    """
     if h.numel() == 0:
         return torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=h.device)
     flat = h.reshape(-1)
@@ -157,7 +180,15 @@ def moments(h: Tensor) -> Tensor:
 
 
 def moments_of(tensors: Sequence[Tensor]) -> Tensor:
-    """``moments`` of each tensor, stacked: ``[len(tensors), 5]``."""
+    """``moments`` of each tensor, stacked: ``[len(tensors), 5]``.
+
+    Args:
+        tensors: tensors of any shapes, all on one device; may be empty.
+
+    Returns:
+        A float64 tensor ``[len(tensors), 5]`` whose row ``i`` is ``moments(tensors[i])``; no
+            tensors give a ``[0, 5]`` tensor on the default device.
+    """
     if not tensors:
         return torch.zeros(0, 5, dtype=torch.float64)
     return torch.stack([moments(t) for t in tensors])
@@ -171,7 +202,15 @@ def merge_moments(parts: Tensor) -> Tensor:
     pieces gets bit-identical numbers. The result keeps the first non-empty piece's pivot; the
     difference of two pieces' means is taken as the difference of their pivots plus that of their
     offsets, so pieces with equal values (a constant tensor) merge to M2 = 0 exactly. Empty pieces
-    are skipped; the result is finite only when every piece is."""
+    are skipped; the result is finite only when every piece is.
+
+    Args:
+        parts: a float64 tensor ``[pieces, ..., 5]`` with at least one piece: each piece's
+            ``moments`` (``moments_of`` of the pieces), with any batch dimensions in between.
+
+    Returns:
+        A float64 tensor ``parts.shape[1:]``: the ``moments`` of the concatenated pieces.
+    """
     merged = parts[0].clone()
     for part in parts[1:]:
         n_a, n_b = merged[..., 0], part[..., 0]
@@ -188,7 +227,18 @@ def merge_moments(parts: Tensor) -> Tensor:
 
 
 def standardizer(stats: Tensor) -> _Standardizer:
-    """The standardiser of a whole tensor from its merged ``moments``."""
+    """The standardiser of a whole tensor from its merged ``moments``.
+
+    Args:
+        stats: a float64 tensor ``[5]``: the tensor's ``moments``, or ``merge_moments`` of its
+            pieces'.
+
+    Returns:
+        ``(pivot, mean, inv_std, finite)``, 0-dim tensors on ``stats``' device, for
+            ``z = ((x - pivot) - mean) * inv_std``: pivot, mean and inv_std float64, all 0 where the
+            spec makes the importance 0 (fewer than two elements, a constant tensor, a std of 0 or
+            not finite); ``finite`` a bool.
+    """
     return _validated(stats[1], stats[2], stats[3], (stats[0] - 1).clamp(min=1), stats[4] > 0)
 
 
@@ -233,11 +283,22 @@ def importance(h: Tensor, name: str = "gradient") -> Tensor:
     in ``compute_dtype``.
 
     Standardisation is over all elements with the unbiased std. An all-zero, constant or one-element
-    ``h`` gives zeros. A non-finite value in ``h`` raises ``FloatingPointError`` naming ``name``.
-    Statistics and standardisation run in float64 whatever the input, over chunks of at most
-    ``_CPU_CHUNK`` (CPU) or ``_DEVICE_CHUNK`` elements, so the only error beyond float64 rounding is
-    the final rounding (at most 2**-25 absolute in float32), even for tensors whose mean dwarfs
-    their spread.
+    ``h`` gives zeros. Statistics and standardisation run in float64 whatever the input, over chunks
+    of at most ``_CPU_CHUNK`` (CPU) or ``_DEVICE_CHUNK`` elements, so the only error beyond float64
+    rounding is the final rounding (at most 2**-25 absolute in float32), even for tensors whose mean
+    dwarfs their spread.
+
+    Args:
+        h: the accumulated gradient: a floating-point tensor of any shape and device.
+        name: what the errors call ``h``.
+
+    Returns:
+        A new tensor of ``h``'s shape in ``compute_dtype(h.dtype)`` on ``h``'s device, values in
+            [0, 1] (an empty ``h`` gives an empty tensor).
+
+    Raises:
+        TypeError: a non-empty ``h`` is not floating point.
+        FloatingPointError: ``h`` holds a non-finite value (NaN or Inf); the message names ``name``.
     """
     out = torch.empty(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
     if h.numel() == 0:
@@ -251,7 +312,20 @@ def importance(h: Tensor, name: str = "gradient") -> Tensor:
 def keep(h: Tensor, name: str = "gradient") -> Tensor:
     """The keep factor ``1 - importance(h)`` in ``compute_dtype``, formed in float64 without
     cancellation (``spg_fast.storage``) and rounded once, never to 0: the reference float32 keep
-    factor."""
+    factor.
+
+    Args:
+        h: the accumulated gradient: a floating-point tensor of any shape and device.
+        name: what the errors call ``h``.
+
+    Returns:
+        A new tensor of ``h``'s shape in ``compute_dtype(h.dtype)`` on ``h``'s device, values in
+            (0, 1] (an empty ``h`` gives an empty tensor).
+
+    Raises:
+        TypeError: a non-empty ``h`` is not floating point.
+        FloatingPointError: ``h`` holds a non-finite value (NaN or Inf); the message names ``name``.
+    """
     out = torch.empty(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
     if h.numel() == 0:
         return out
@@ -309,6 +383,18 @@ def accumulate_(stored: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
 
     Stored keep factors whose gradient holds a non-finite value are left untouched, and their flag
     is set, so the caller can report it without a host synchronisation per tensor.
+
+    Args:
+        stored: stored keep factors in any ``spg_fast.storage`` format, updated in place.
+        grads: the accumulated gradients ``h`` (floating point), one per stored tensor, of its shape
+            and on its device.
+
+    Returns:
+        A bool tensor ``[len(grads)]``, True where ``h`` holds a non-finite value (no tensors: an
+            empty tensor on the default device).
+
+    Raises:
+        ValueError: the two lists differ in length, or a pair in shape.
     """
     _check_lists("accumulate_", stored, grads)
     flags = [_accumulate_one(k, h) for k, h in zip(stored, grads, strict=True)]
@@ -320,7 +406,22 @@ def accumulate_(stored: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
 def accumulate_with_(stored: Sequence[Tensor], grads: Sequence[Tensor], stats: Tensor) -> Tensor:
     """``accumulate_`` for pieces of larger tensors, with the statistics of each whole tensor
     given (``stats[i]``: its merged ``moments``), not those of the piece ``h``. A whole tensor that
-    is not finite leaves its piece's stored keep factors untouched and sets its flag."""
+    is not finite leaves its piece's stored keep factors untouched and sets its flag.
+
+    Args:
+        stored: the pieces' stored keep factors (any ``spg_fast.storage`` format), updated in place.
+        grads: the pieces ``h`` of the accumulated gradients, one per stored tensor, of its shape.
+        stats: a float64 tensor ``[len(grads), 5]``, row ``i`` for the whole tensor ``grads[i]``
+            is a piece of.
+
+    Returns:
+        A bool tensor ``[len(grads)]``, True where the whole tensor holds a non-finite value (no
+            tensors: an empty tensor on the default device).
+
+    Raises:
+        ValueError: ``stored`` and ``grads`` differ in length or a pair in shape, or ``stats`` has
+            not one row per gradient.
+    """
     _check_lists("accumulate_with_", stored, grads)
     if len(stats) != len(grads):
         raise ValueError(
@@ -335,7 +436,15 @@ def accumulate_with_(stored: Sequence[Tensor], grads: Sequence[Tensor], stats: T
 
 def keep_factors(stored: Sequence[Tensor]) -> list[Tensor]:
     """The keep factors ``1 - A`` that stored importance stands for (``spg_fast.storage.decode``):
-    what each shared gradient or update is multiplied by."""
+    what each shared gradient or update is multiplied by.
+
+    Args:
+        stored: stored keep factors in any ``spg_fast.storage`` format.
+
+    Returns:
+        One tensor per stored tensor, in ``storage.keep_dtype`` of its dtype: the stored tensor
+            itself for float32 and float64 storage, a new tensor otherwise.
+    """
     return [storage.decode(k) for k in stored]
 
 
@@ -350,8 +459,21 @@ def head_scale(
     the authors' code keeps a float64 model's).
 
     The sum is taken in float64 so that the mean of a billion-element model is exact to float32
-    precision. For shards of larger tensors, ``numel`` is the element count of the whole tensors and
-    ``reduce`` sums the float64 total across the shards' holders in place (an all-reduce)."""
+    precision.
+
+    Args:
+        stored: the stored keep factors (any ``spg_fast.storage`` format), all on one device; for
+            shards of larger tensors, this process's shards.
+        numel: the element count of the whole tensors (None: the elements of ``stored``).
+        reduce: called with the 0-dim float64 total to sum it across the shards' holders in place
+            (an all-reduce); None: no reduction.
+
+    Returns:
+        The mean keep factor, a 0-dim tensor on the stored tensors' device.
+
+    Raises:
+        ValueError: ``stored`` is empty, or the element count is 0.
+    """
     if not stored:
         raise ValueError("head_scale needs at least one stored importance tensor")
     total_numel = sum(k.numel() for k in stored) if numel is None else numel
@@ -377,10 +499,18 @@ def soft_mask_(
     """In place: ``g <- g * keep`` for each shared gradient, ``g <- g * scale`` for each
     head gradient.
 
-    ``stored`` are the shared parameters' stored keep factors (decoded here; float32 and float64
-    storage is used as it is) and ``scale`` is ``head_scale``, a device tensor: nothing here
-    synchronises with the host. Products are formed in float32 (or wider) and rounded once to the
-    gradient's dtype.
+    Nothing here synchronises with the host. Products are formed in float32 (or wider) and rounded
+    once to the gradient's dtype.
+
+    Args:
+        grads: the shared parameters' gradients, multiplied in place.
+        stored: their stored keep factors, one per gradient, of its shape (any ``spg_fast.storage``
+            format; decoded here, float32 and float64 storage used as it is).
+        head_grads: the head parameters' gradients, multiplied in place.
+        scale: ``head_scale``, a 0-dim device tensor.
+
+    Raises:
+        ValueError: ``grads`` and ``stored`` differ in length, or a pair in shape.
     """
     _check_lists("soft_mask_", grads, stored)
     if grads:
@@ -414,7 +544,21 @@ def scale_updates_(
 ) -> None:
     """In place, the update mask: ``p <- p_before + keep * (p - p_before)`` for each shared
     parameter, ``p <- p_before + scale * (p - p_before)`` for each head, where ``before`` holds the
-    values before the optimizer's step (and is overwritten here)."""
+    values before the optimizer's step (and may be overwritten here).
+
+    Args:
+        params: the shared parameters after the optimizer's step, changed in place.
+        before: one tensor per parameter, of its shape.
+        stored: their stored keep factors, one per parameter, of its shape (any
+            ``spg_fast.storage`` format).
+        head_params: the head parameters after the step, changed in place.
+        head_before: the head parameters' values before the step, one per head parameter.
+        scale: ``head_scale``, a 0-dim device tensor.
+
+    Raises:
+        ValueError: ``params``, ``before`` and ``stored`` differ in length or a triple in shape, or
+            ``head_params`` and ``head_before`` differ in length or a pair in shape.
+    """
     _check_lists("scale_updates_", params, stored)
     _check_lists("scale_updates_", params, before)
     _check_lists("scale_updates_", head_params, head_before)

@@ -514,7 +514,18 @@ class SPG:
         On an FSDP2 model every rank calls it, with full tensors (the same on every rank, as a
         loaded checkpoint is: each rank keeps its shard, without communication) or DTensors; the
         ranks agree before anything changes (one all-reduce), so a problem on one rank raises on
-        every rank."""
+        every rank.
+
+        Args:
+            state_dict: ``{"format", "tasks_finished", "keep"}`` as ``state_dict()`` returns it
+                (format 1: ``"importance"`` in place of ``"keep"``).
+
+        Raises:
+            TypeError: ``state_dict`` or its ``"keep"`` is not a mapping.
+            ValueError: an unknown format, other keys, a bad ``tasks_finished``, or (every one of
+                them named at once) missing or unknown parameter names, tensors that do not fit
+                their parameters, keep factors outside [0, 1] or NaN.
+        """
         if not self._sharded:
             self._commit(*self._checked(state_dict))
             return

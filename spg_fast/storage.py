@@ -53,7 +53,14 @@ _BF16_TINY = torch.tensor(1, dtype=torch.int16).view(torch.bfloat16)  # 2**-133,
 
 
 def check_importance_dtype(importance_dtype: torch.dtype | None) -> None:
-    """Raise ``ValueError`` unless ``importance_dtype`` is one of ``IMPORTANCE_DTYPES``."""
+    """Raise ``ValueError`` unless ``importance_dtype`` is one of ``IMPORTANCE_DTYPES``.
+
+    Args:
+        importance_dtype: the storage format asked for (None: the default).
+
+    Raises:
+        ValueError: ``importance_dtype`` is not one of ``IMPORTANCE_DTYPES``.
+    """
     if importance_dtype not in IMPORTANCE_DTYPES:
         raise ValueError(
             "importance_dtype must be None, torch.float32, torch.bfloat16 or torch.uint8, got "
@@ -62,14 +69,30 @@ def check_importance_dtype(importance_dtype: torch.dtype | None) -> None:
 
 
 def stored_dtype(param_dtype: torch.dtype, importance_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype a shared parameter of ``param_dtype`` keeps its importance in."""
+    """The dtype a shared parameter of ``param_dtype`` keeps its importance in.
+
+    Args:
+        param_dtype: the shared parameter's dtype.
+        importance_dtype: the storage format asked for, one of ``IMPORTANCE_DTYPES`` (not checked
+            here); None: float32, or float64 for a float64 parameter.
+
+    Returns:
+        ``importance_dtype`` itself unless it is None.
+    """
     if importance_dtype is not None:
         return importance_dtype
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 def keep_dtype(stored: torch.dtype) -> torch.dtype:
-    """The floating dtype a stored format decodes to: float64 for float64, float32 otherwise."""
+    """The floating dtype a stored format decodes to: float64 for float64, float32 otherwise.
+
+    Args:
+        stored: the storage dtype.
+
+    Returns:
+        ``torch.float64`` or ``torch.float32``.
+    """
     return torch.float64 if stored == torch.float64 else torch.float32
 
 
@@ -77,7 +100,18 @@ def encode(keep: Tensor, dtype: torch.dtype) -> Tensor:
     """The stored form in ``dtype`` of keep factors ``keep`` (values in [0, 1], floating point).
 
     Values are first rounded to float32 (to float64 for float64 storage), the reference keep
-    factor, then encoded as the module docstring says. Returns a new tensor.
+    factor, then encoded as the module docstring says.
+
+    Args:
+        keep: a tensor of any shape and device.
+        dtype: the storage format: ``torch.float64``, ``torch.float32``, ``torch.bfloat16`` or
+            ``torch.uint8``.
+
+    Returns:
+        A new tensor of ``keep``'s shape in ``dtype``, on ``keep``'s device.
+
+    Raises:
+        ValueError: ``dtype`` is none of the storage formats.
     """
     if dtype == torch.float64:
         return keep.to(torch.float64, copy=True)
@@ -96,7 +130,17 @@ def encode(keep: Tensor, dtype: torch.dtype) -> Tensor:
 
 def decode(stored: Tensor) -> Tensor:
     """The keep factors ``stored`` stands for, in ``keep_dtype(stored.dtype)`` (a new tensor, or
-    ``stored`` itself for float32 and float64 storage)."""
+    ``stored`` itself for float32 and float64 storage).
+
+    Args:
+        stored: stored keep factors in float64, float32, bfloat16 or uint8.
+
+    Returns:
+        A tensor of ``stored``'s shape on its device.
+
+    Raises:
+        ValueError: ``stored.dtype`` is none of the storage formats.
+    """
     if stored.dtype in (torch.float32, torch.float64):
         return stored
     if stored.dtype == torch.bfloat16:
@@ -108,6 +152,19 @@ def decode(stored: Tensor) -> Tensor:
 
 
 def fresh(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Stored keep factors of 1 (no importance yet) of ``shape``."""
+    """Stored keep factors of 1 (no importance yet) of ``shape``.
+
+    Args:
+        shape: the shape of the tensor.
+        dtype: the storage format (as for ``encode``).
+        device: where the tensor is made.
+
+    Returns:
+        A new contiguous tensor of ``shape`` in ``dtype`` on ``device``, every element
+            ``encode(1.0)`` (uint8: the code 255).
+
+    Raises:
+        ValueError: ``dtype`` is none of the storage formats.
+    """
     one = encode(torch.ones((), device=device), dtype)
     return one.expand(shape).clone(memory_format=torch.contiguous_format)

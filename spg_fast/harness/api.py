@@ -37,7 +37,11 @@ NOT_COMPARED_ON_RESUME = ("device", "backend", "from_preset", "world_size", "wra
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during ``run`` or ``compare``; ``message`` says what was saved."""
+    """Ctrl-C during ``run`` or ``compare``; ``message`` says what was saved.
+
+    Args:
+        message: what was interrupted and what was saved.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -165,7 +169,45 @@ def run(
     arguments and ``device`` its own (``cuda:LOCAL_RANK``): ``wrapper`` ``"ddp"`` (the default) or
     ``"fsdp"`` (FSDP2 ``fully_shard``); each rank trains on its share of every batch (the batch
     size must divide by the number of ranks). Rank 0 alone prints and writes; every rank returns
-    the results. ``hat`` and ``ewc`` run in one process."""
+    the results. ``hat`` and ``ewc`` run in one process.
+
+    Args:
+        sequence: the task sequence: a name of ``SEQUENCES`` or a built ``TaskSequence``.
+        method: the method, one of ``METHODS``.
+        backbone: the network, one of ``BACKBONES`` (None: ``mlp`` for vector data, else
+            ``alexnet``).
+        seed: seeds the sequence's splits, the initial weights and the training order.
+        device: the torch device to train on.
+        out: the folder to write the run to (None: write nothing).
+        data_dir: the folder holding the sequence's data files (None: see ``build_sequence``).
+        protocol: the preset the settings not in ``config`` come from, one of ``PROTOCOLS``.
+        config: a whole ``TrainConfig``, or settings overriding ``protocol``'s preset.
+        options: the methods' own settings: a ``MethodOptions`` or some of its fields.
+        backend: SPG's implementation, one of ``spg_fast.BACKENDS``.
+        progress: how progress is shown: ``auto``, ``bar``, ``lines`` or ``none``.
+        resume: continue the run in ``out``.
+        overwrite: replace an earlier run in ``out``.
+        tasks: learn only the sequence's first ``tasks`` tasks (None: all).
+        wrapper: under torchrun, ``"ddp"`` or ``"fsdp"`` (None: ``ddp``).
+        threads: torch's CPU threads for the run (None: ``spg_fast.harness.threads``'s rule).
+        tensorboard: also write TensorBoard's files into ``out``.
+
+    Returns:
+        The results (as ``results.json`` holds them): ``acc_matrix``, the metrics (``acc``,
+            ``bwt``, ``forgetting`` and their ``_weighted`` forms), ``diverged`` and
+            ``divergence``, ``importance_usage``, the timings, ``config``, ``settings``,
+            ``versions`` and more.
+
+    Raises:
+        ValueError: an unknown method, backbone, protocol or sequence, or a bad ``wrapper``.
+        ConfigError: a setting out of range, ``tasks`` out of range, a batch size that does not
+            split over the ranks, or ``tensorboard`` without ``out``.
+        OutputError: ``out`` cannot be used as asked (``resume`` and ``overwrite`` together,
+            ``resume`` without a run to continue, a folder holding other files).
+        MissingExtraError: an optional package the run needs is not installed.
+        DataError: the sequence's data files are missing or unreadable.
+        RunInterrupted: Ctrl-C during the run.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if backbone is not None and backbone not in BACKBONES:
@@ -514,7 +556,28 @@ def compare(
     ``settings.json``, the arguments, which ``spg-fast compare --resume`` reuses. ``resume=True``
     skips finished runs and continues interrupted ones; on Ctrl-C the comparison of the runs
     finished so far is written (marked partial) before ``RunInterrupted`` is raised. Under
-    torchrun every rank calls it (see ``run``)."""
+    torchrun every rank calls it (see ``run``).
+
+    Args:
+        sequence: the task sequence, a name of ``SEQUENCES``.
+        methods: the methods to run, each once (names of ``METHODS``).
+        seeds: the seeds to run every method with, each once (integers >= 0).
+        out: the folder to write the comparison to (None: write nothing).
+        resume: continue the comparison in ``out``.
+        overwrite: replace an earlier comparison in ``out``.
+        **kwargs: further keyword arguments of ``run``, the same for every run.
+
+    Returns:
+        ``{"sequence": str, "runs": [...], "summary": [...]}``: every run's results (as ``run``
+            returns them) and a row per method (mean and standard deviation over seeds of every
+            metric and of the time, and the number of diverged runs).
+
+    Raises:
+        ValueError: ``methods`` or ``seeds`` empty or repeating a value, an unknown method, or a
+            seed that is not an integer >= 0.
+        OutputError: ``out`` cannot be used as asked (see ``run``, whose errors pass through).
+        RunInterrupted: Ctrl-C during the comparison.
+    """
     methods, seeds = tuple(methods), tuple(seeds)
     _check_list("methods", methods)
     _check_list("seeds", seeds)

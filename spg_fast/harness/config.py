@@ -18,7 +18,12 @@ KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "True
 
 class ConfigError(ValueError):
     """A setting out of range; ``name`` is the setting (the CLI option without its dashes, ``_``
-    for ``-``)."""
+    for ``-``).
+
+    Args:
+        name: the setting.
+        why: what is wrong with its value.
+    """
 
     def __init__(self, name: str, why: str) -> None:
         super().__init__(f"{name}: {why}")
@@ -76,7 +81,27 @@ def _rate(v: float) -> str | None:
 class TrainConfig:
     """How each task is learnt. The defaults are the quick protocol with SGD (the embedded digits in
     seconds on 2 CPU cores); ``spg_fast.harness.protocol.resolve`` gives the presets (``quick``,
-    ``paper``) per sequence and optimizer."""
+    ``paper``) per sequence and optimizer.
+
+    Attributes:
+        optimizer: ``sgd``, ``sgd-momentum`` or ``adamw``; a fresh one for every task.
+        lr: the learning rate at the start of every task.
+        lr_factor: the learning rate is divided by this on a validation-loss plateau.
+        lr_min: the lowest learning rate (see ``schedule``).
+        lr_patience: the epochs without a lower validation loss that make a plateau.
+        max_epochs: the most epochs per task.
+        batch_size: the training mini-batch size.
+        schedule: ``divide-stop`` or ``plateau`` (the authors' code), how plateaus are handled.
+        shuffle: ``epoch`` (a new order every epoch) or ``once`` (one seeded order per task).
+        dropout_conv: dropout after alexnet's first two conv layers.
+        dropout_fc: dropout after alexnet's third conv and fully connected layers and the mlp's.
+        clip_heads: the heads' joint gradient norm is clipped at this value (0: no clipping).
+        normalize: standardise image inputs per channel.
+        bn_stats: ``shared`` or ``per-task`` BatchNorm statistics (resnet18).
+
+    Raises:
+        ConfigError: a value of the wrong kind or out of range, or ``lr_min`` above ``lr``.
+    """
 
     optimizer: str = setting(
         "sgd",

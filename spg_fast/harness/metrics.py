@@ -24,7 +24,19 @@ def _mean(values: Sequence[float], weights: Sequence[float] | None) -> float:
 def average_accuracy(
     matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None
 ) -> float:
-    """ACC = mean over j of R[T-1][j]."""
+    """ACC = mean over j of R[T-1][j].
+
+    Args:
+        matrix: the accuracy matrix R, row i holding the accuracies on tasks 0..i after task i.
+        weights: one weight per task, e.g. its test-set size (None: equal weights).
+
+    Returns:
+        The average accuracy after the last task.
+
+    Raises:
+        ValueError: ``matrix`` is empty or a row i holds fewer than i + 1 accuracies, or
+            ``weights`` does not hold T values.
+    """
     t = _check(matrix)
     return _mean([matrix[t - 1][j] for j in range(t)], weights)
 
@@ -33,7 +45,20 @@ def backward_transfer(
     matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None
 ) -> float:
     """BWT = mean over j < T-1 of R[T-1][j] - R[j][j] (negative: forgetting); 0 for a
-    single task."""
+    single task.
+
+    Args:
+        matrix: the accuracy matrix R, row i holding the accuracies on tasks 0..i after task i.
+        weights: one weight per task, e.g. its test-set size; the first T-1 are used (None:
+            equal weights).
+
+    Returns:
+        The backward transfer.
+
+    Raises:
+        ValueError: ``matrix`` is empty or a row i holds fewer than i + 1 accuracies, or
+            ``weights`` holds fewer than T-1 values.
+    """
     t = _check(matrix)
     w = weights[: t - 1] if weights else None
     return _mean([matrix[t - 1][j] - matrix[j][j] for j in range(t - 1)], w)
@@ -41,7 +66,20 @@ def backward_transfer(
 
 def forgetting(matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> float:
     """F = mean over j < T-1 of (max over j <= i < T-1 of R[i][j]) - R[T-1][j]; 0 for a
-    single task."""
+    single task.
+
+    Args:
+        matrix: the accuracy matrix R, row i holding the accuracies on tasks 0..i after task i.
+        weights: one weight per task, e.g. its test-set size; the first T-1 are used (None:
+            equal weights).
+
+    Returns:
+        The forgetting (negative only when a task's last accuracy beats all its earlier ones).
+
+    Raises:
+        ValueError: ``matrix`` is empty or a row i holds fewer than i + 1 accuracies, or
+            ``weights`` holds fewer than T-1 values.
+    """
     t = _check(matrix)
     w = weights[: t - 1] if weights else None
     return _mean(

@@ -77,7 +77,22 @@ def resolve(
     protocol: str, sequence: str, explicit: Mapping[str, Any] | None = None
 ) -> tuple[TrainConfig, list[str]]:
     """The ``TrainConfig`` of ``protocol`` for ``sequence`` with the ``explicit`` settings
-    overriding the preset, and the names of the settings that came from the preset."""
+    overriding the preset, and the names of the settings that came from the preset.
+
+    Args:
+        protocol: the preset, one of ``PROTOCOLS``.
+        sequence: the task sequence's name (the paper preset's dropout rates and input
+            standardisation depend on it).
+        explicit: settings given explicitly, by ``TrainConfig`` field name (None: none).
+
+    Returns:
+        ``(config, from_preset)``: the ``TrainConfig`` and the names of the settings taken from
+            the preset.
+
+    Raises:
+        ConfigError: an unknown protocol, optimizer or setting name, or a value of the wrong
+            kind or out of range.
+    """
     explicit = dict(explicit or {})
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(explicit.keys() - names)

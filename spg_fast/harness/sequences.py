@@ -56,6 +56,17 @@ class Task:
 
 @dataclass
 class TaskSequence:
+    """A task sequence, as ``build_sequence`` returns it.
+
+    Attributes:
+        name: the sequence's name (a key of ``SEQUENCES``).
+        input_shape: the shape of one input: ``(features,)`` or ``(channels, height, width)``.
+        tasks: the tasks in the order they are learnt, each with its training, validation and
+            test splits and its number of classes.
+        files: what was read, for ``results.json``.
+        image_shape: how conv backbones read vector inputs (None: inputs are images).
+    """
+
     name: str
     input_shape: tuple[int, ...]
     tasks: list[Task]
@@ -340,7 +351,23 @@ def build_sequence(
 ) -> TaskSequence:
     """The task sequence ``name`` (one of ``SEQUENCES``); ``data_dir`` is where its files are
     (the embedded digits sequences read none); ``protocol`` ``"paper"`` applies the authors'
-    data settings."""
+    data settings.
+
+    Args:
+        name: the sequence, a key of ``SEQUENCES``.
+        data_dir: the folder holding the data files (None: ``./data``; Fashion-MNIST also looks
+            in the system folder).
+        seed: seeds the class orders, writer groups, pixel permutations and validation splits.
+        protocol: ``"quick"`` or ``"paper"``.
+
+    Returns:
+        The ``TaskSequence``.
+
+    Raises:
+        ValueError: an unknown sequence or protocol.
+        DataNotFoundError: the data files are not in ``data_dir``.
+        DataError: a data file is unreadable or not in the expected format.
+    """
     if name not in SEQUENCES:
         raise ValueError(f"unknown sequence {name!r}; valid: {', '.join(SEQUENCES)}")
     if protocol not in ("quick", "paper"):

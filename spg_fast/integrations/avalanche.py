@@ -125,7 +125,7 @@ class SPGPlugin(SupervisedPlugin):
 
         Returns:
             ``{"format", "spg": spg.state_dict(), "task_labels"}``, which
-            ``torch.load(weights_only=True)`` reads.
+                ``torch.load(weights_only=True)`` reads.
         """
         return {
             "format": STATE_FORMAT,

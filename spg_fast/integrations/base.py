@@ -174,8 +174,8 @@ def checkpoint_state(spg: SPG, *, ended: bool, over: bool | None) -> dict[str, A
 
     Returns:
         ``{"format": STATE_FORMAT, "spg": spg.state_dict(full=True), "ended": ended, "over":
-        over}``: full tensors also on an FSDP2 model (gathered: every process calls it, as
-        frameworks do when they write a checkpoint), so any process's copy restores SPG.
+            over}``: full tensors also on an FSDP2 model (gathered: every process calls it, as
+            frameworks do when they write a checkpoint), so any process's copy restores SPG.
     """
     return {"format": STATE_FORMAT, "spg": spg.state_dict(full=True), "ended": ended, "over": over}
 

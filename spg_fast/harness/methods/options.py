@@ -23,7 +23,20 @@ def _above_one(v: float) -> str | None:
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """Settings of the methods beyond the training protocol; ``for_method`` gives one method's."""
+    """Settings of the methods beyond the training protocol; ``for_method`` gives one method's.
+
+    Attributes:
+        mask: what SPG's importance scales: ``auto``, ``gradient`` or ``update``.
+        hat_smax: HAT's largest gate slope s_max, reached at the end of every epoch.
+        hat_c: HAT's weight c of the attention regulariser.
+        hat_clipgrad: HAT clips the whole network's gradient norm at this value.
+        hat_thres_cosh: HAT clamps s * e to +-this value in the embeddings' gradient compensation.
+        hat_thres_emb: HAT clamps the gate embeddings to +-this value after every step.
+        ewc_lambda: EWC's penalty weight lambda.
+
+    Raises:
+        ConfigError: a value of the wrong kind or out of range.
+    """
 
     mask: str = setting(
         "auto",
@@ -70,7 +83,14 @@ class MethodOptions:
         check_fields(self)
 
     def for_method(self, method: str) -> dict[str, Any]:
-        """The settings that apply to ``method`` (none for finetune and one)."""
+        """The settings that apply to ``method`` (none for finetune and one).
+
+        Args:
+            method: the method's name, one of ``METHODS``.
+
+        Returns:
+            ``{field name: value}`` for the fields of this method (empty for any other name).
+        """
         return {
             f.name: getattr(self, f.name) for f in fields(self) if f.metadata["method"] == method
         }
