@@ -18,6 +18,7 @@ def machine(monkeypatch):
     for name in threads.ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 4)
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     load = [0.0]
@@ -62,3 +63,19 @@ def test_a_run_records_its_threads_and_restores_torchs(monkeypatch):
     assert (
         result["threads"] == {"count": 2, "why": "--threads"} and torch.get_num_threads() == before
     )
+
+
+def test_torchs_default_on_hyperthreaded_cores_is_not_taken_for_a_choice(machine, monkeypatch):
+    """torch starts with one thread per physical core where the 4 CPUs are 2 cores' hyperthreads:
+    that count is its default, not the user's; another count is the user's."""
+    monkeypatch.setattr(threads, "physical_cores", lambda: 2)
+    torch.set_num_threads(2)
+    assert threads.choose(999_999) == (1, "a network under 1,000,000 parameters")
+    torch.set_num_threads(3)
+    assert threads.choose(999_999) == (3, "torch.set_num_threads")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/devices/system/cpu/cpu0/topology"), reason="Linux")
+def test_physical_cores_counts_each_core_of_this_machine_once():
+    count = threads.physical_cores()
+    assert count is not None and 1 <= count <= threads.cores()
