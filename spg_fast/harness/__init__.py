@@ -9,6 +9,7 @@ from spg_fast.harness.methods import METHODS, MethodOptions
 from spg_fast.harness.metrics import average_accuracy, backward_transfer, forgetting
 from spg_fast.harness.outputs import OutputError
 from spg_fast.harness.protocol import PROTOCOLS, resolve
+from spg_fast.harness.report import plot_run
 from spg_fast.harness.sequences import SEQUENCES, TaskSequence, build_sequence
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "build_sequence",
     "compare",
     "forgetting",
+    "plot_run",
     "resolve",
     "run",
 ]

@@ -92,7 +92,12 @@ def colour_range(values: list[float]) -> tuple[float, float]:
 
 def plot_run(result: dict[str, Any], path: Path) -> None:
     """Heatmap of R (left), each task's accuracy over the sequence (middle) and, for a method with
-    a capacity measure, the capacity used after every task (right)."""
+    a capacity measure, the capacity used after every task (right).
+
+    Args:
+        result: a run's result, as ``run`` returns it or its ``results.json`` holds it.
+        path: the image file to write (its suffix picks the format, e.g. ``.png``).
+    """
     matrix = result["acc_matrix"]
     t = len(matrix)
     plt = _pyplot()
