@@ -63,6 +63,26 @@ def _unregister(optimizer: Optimizer) -> None:
     _MASKED.pop(optimizer, None)
 
 
+class _SnapshotBuffers:
+    """One buffer per parameter for its values before a step (its local shard under FSDP2),
+    allocated the first time the parameter is snapshotted and kept: the memory update masking costs
+    around a step that cannot scale its own change."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[Tensor, Tensor] = {}
+
+    def of(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The buffers of ``params``, in their order."""
+        buffers = self._buffers
+        for p in params:
+            if p not in buffers:
+                buffers[p] = torch.empty_like(sharded.local(p))
+        return [buffers[p] for p in params]
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 class _StepMask:
     """SPG's mask around the steps of one optimizer, per param group in its mode
     (``spg_fast.mask_mode.resolve``).
@@ -70,11 +90,9 @@ class _StepMask:
     ``before(closure)`` runs before the step: gradient-mode groups get their gradients masked (after
     every call of the closure, when there is one); update-mode groups get their parameters copied
     into snapshot buffers. ``after()`` runs after the step: the change each update-mode parameter
-    made is scaled (``SPG._update_masker``, prepared once for the same parameters and mask). The
-    snapshot buffers are allocated once per parameter,
-    the first time it is masked on its update, and kept (one parameter-sized buffer each: the
-    memory update masking costs around an optimizer that cannot do it in its own step, which
-    ``spg_fast.optim`` does). Before the first ``end_task`` nothing is done or allocated.
+    made is scaled (``SPG._update_masker``, prepared once for the same parameters and mask), the
+    snapshots kept in ``_SnapshotBuffers`` (``spg_fast.optim``'s fused steps need none: they scale
+    their own change). Before the first ``end_task`` nothing is done or allocated.
     """
 
     def __init__(self, spg: _Masker, optimizer: Optimizer, mask: MaskMode) -> None:
@@ -82,7 +100,7 @@ class _StepMask:
         self._spg = spg
         self._optimizer = optimizer
         self.mask = mask
-        self._snapshots: dict[Tensor, Tensor] = {}
+        self._snapshots = _SnapshotBuffers()
         self._updater: tuple[tuple, tuple[list, list, Callable[[], None]]] | None = None
         self._pending: Callable[[], None] | None = None
 
@@ -139,16 +157,10 @@ class _StepMask:
         for both; kept while the same parameters move and the mask is unchanged."""
         key = (tuple(map(id, params)), self._spg._generation)
         if self._updater is None or self._updater[0] != key:
-            snapshots = [self._snapshot(p) for p in params]
+            snapshots = self._snapshots.of(params)
             local = [sharded.local(p) for p in params]
             self._updater = (key, (snapshots, local, self._spg._update_masker(params, snapshots)))
         return self._updater[1]
-
-    def _snapshot(self, p: Tensor) -> Tensor:
-        buffer = self._snapshots.get(p)
-        if buffer is None:
-            buffer = self._snapshots[p] = torch.empty_like(sharded.local(p))
-        return buffer
 
 
 def _params(optimizer: Optimizer) -> chain[Tensor]:

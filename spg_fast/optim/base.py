@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from spg_fast import _sharded as sharded
 from spg_fast._backend import StepKernels
 from spg_fast.mask_mode import MaskMode, check_mask, resolve
-from spg_fast.optimizer import _register
+from spg_fast.optimizer import _register, _SnapshotBuffers
 from spg_fast.spg import SPG
 
 
@@ -79,7 +79,8 @@ class Batch:
     first_step: list[bool]  # per parameter: no state before this step
     keys: list[Tensor]  # the parameters as the optimizer holds them (DTensors under FSDP2)
     fused: Callable[..., None] | None  # the backend's fused step, prepared; None: the fallback
-    update_mask: Callable[[], None] | None = None  # the fallback's update mask, once prepared
+    # The fallback's snapshot buffers and update mask, once prepared.
+    update_mask: tuple[list[Tensor], Callable[[], None]] | None = None
 
     def grads(self) -> list[Tensor]:
         """The gradients, laid out as ``params``."""
@@ -159,8 +160,8 @@ class MaskedOptimizer(Optimizer):
         return self.__dict__.setdefault("_plans_by_group", {})
 
     @property
-    def _snapshots(self) -> dict[Tensor, Tensor]:
-        return self.__dict__.setdefault("_update_snapshots", {})
+    def _snapshots(self) -> _SnapshotBuffers:
+        return self.__dict__.setdefault("_update_snapshots", _SnapshotBuffers())
 
     def mask_modes(self) -> list[str]:
         """The mode each param group is masked in now (``"auto"`` resolved)."""
@@ -170,21 +171,24 @@ class MaskedOptimizer(Optimizer):
     def plan(self, group: dict[str, Any], params: list[Tensor]) -> list[Batch]:
         """The batches of one param group's step (``params``: those with a gradient), built when
         the group's key changed (see the class docstring), their state created."""
-        key = (
+        cached = self._plans.get(id(group))
+        if cached is not None and cached.key == self._plan_key(group, params):
+            return cached.batches
+        return self._build_plan(group, params)
+
+    def _plan_key(self, group: dict[str, Any], params: list[Tensor]) -> tuple:
+        """What a group's plan is valid for (see the class docstring)."""
+        return (
             tuple(map(id, params)),
             self.spg._generation,
             id(self.state),
             len(self.state),
             self.state_layout(group),
         )
-        cached = self._plans.get(id(group))
-        if cached is not None and cached.key == key:
-            return cached.batches
-        return self._build_plan(group, params, key)
 
     # torch.compile runs a step's planning eagerly: it builds native libraries and launch tables.
     @torch.compiler.disable
-    def _build_plan(self, group: dict[str, Any], params: list[Tensor], key: tuple) -> list[Batch]:
+    def _build_plan(self, group: dict[str, Any], params: list[Tensor]) -> list[Batch]:
         for p in params:
             if p.grad.is_sparse:
                 raise TypeError(
@@ -201,10 +205,9 @@ class MaskedOptimizer(Optimizer):
             by_dtype.setdefault(p.dtype, ([], []))[0].append(p)
         batches = [self._batch(group, ps, ks) for ps, ks in by_dtype.values()]
         self.plan_builds += 1
-        # The plan is keyed by the state's size after this step created what was missing.
-        key = (key[0], key[1], id(self.state), len(self.state), key[4])
+        # Keyed by the state as this step's batches left it (they created what was missing).
         later = [replace(b, first_step=[False] * len(b.params)) for b in batches]
-        self._plans[id(group)] = _GroupPlan(key, later)
+        self._plans[id(group)] = _GroupPlan(self._plan_key(group, params), later)
         return batches
 
     def _batch(self, group: dict[str, Any], keys: list[Tensor], keeps: list[Tensor]) -> Batch:
@@ -252,18 +255,13 @@ class MaskedOptimizer(Optimizer):
             self.spg.mask_gradients(batch.keys)
             self.torch_step(group, batch, grad_scale, found_inf)
             return
-        snapshots = [self._snapshot(p) for p in batch.params]
+        if batch.update_mask is None:  # prepared once per plan, with its snapshot buffers
+            snapshots = self._snapshots.of(batch.params)
+            batch.update_mask = (snapshots, self.spg._update_masker(batch.keys, snapshots))
+        snapshots, scale_the_change = batch.update_mask
         torch._foreach_copy_(snapshots, batch.params)
         self.torch_step(group, batch, grad_scale, found_inf)
-        if batch.update_mask is None:  # prepared once per plan, with its snapshot buffers
-            batch.update_mask = self.spg._update_masker(batch.keys, snapshots)
-        batch.update_mask()
-
-    def _snapshot(self, p: Tensor) -> Tensor:
-        buffer = self._snapshots.get(p)
-        if buffer is None:
-            buffer = self._snapshots[p] = torch.empty_like(p)
-        return buffer
+        scale_the_change()
 
     # ---------------------------------------------------- per-optimizer parts
     def state_lists(
