@@ -534,6 +534,7 @@ def _scale_changes_(params: list[Tensor], before: list[Tensor], factors: list[Te
         p.copy_((p.to(b.dtype) - b).mul_(factors[i]).add_(b))
 
 
+@torch.no_grad()
 def scale_updates_(
     params: Sequence[Tensor],
     before: Sequence[Tensor],

@@ -110,9 +110,15 @@ def test_any_optimizer_with_the_gradient_mask_equals_masking_by_hand(make_optimi
 
 
 @pytest.mark.parametrize("make_optimizer", OPTIMIZERS, ids=OPTIMIZER_IDS)
-def test_any_optimizer_with_the_update_mask_equals_scaling_the_change_by_hand(make_optimizer):
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "reference"])
+def test_any_optimizer_with_the_update_mask_equals_scaling_the_change_by_hand(
+    make_optimizer, native, monkeypatch
+):
     """For all of these ``mask="auto"`` is the update mask; it equals stepping, then scaling
-    each change by hand (to float rounding: torch's lerp forms it differently)."""
+    each change by hand (to float rounding: torch's lerp forms it differently), through the native
+    CPU kernel and through the reference (CPU bfloat16 or non-contiguous parameters, no C
+    compiler)."""
+    monkeypatch.setenv("SPG_FAST_NATIVE", native)
     tasks = make_tasks()
     manual, _, _ = _train("manual-update", make_optimizer, tasks)
     for mode in ("wrap", "attach"):
@@ -507,3 +513,29 @@ def test_the_wrapper_forwards_what_the_inner_optimizer_adds():
     assert opt.consolidate_state_dict(to=1) == "consolidated to 1"
     with pytest.raises(AttributeError):
         opt.no_such_method  # noqa: B018
+
+
+@pytest.mark.parametrize("how", ["wrap", "spg_fast.optim fallback"])
+def test_the_update_mask_around_torchs_step_allocates_its_snapshots_once(how, monkeypatch):
+    """Update masking around a step that cannot scale its own change keeps one snapshot buffer per
+    parameter: no ``empty_like`` after the first masked step."""
+    monkeypatch.setenv("SPG_FAST_NATIVE", "0")  # spg_fast.optim on the CPU: torch's fused step
+    tasks = make_tasks()
+    model = _fresh()
+    spg = SPG(model, heads=model.heads, backend="torch")
+    spg.end_task(0, tasks[0])
+    if how == "wrap":
+        opt = spg.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), mask="update")
+    else:
+        opt = optim.AdamW(model.parameters(), lr=1e-2, spg=spg, mask="update")
+    made = []
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: made.append(t) or empty_like(t, **kw))
+    for step, (x, y) in enumerate(tasks[1] * 2):
+        opt.zero_grad()
+        F.cross_entropy(model(x, 1), y).backward()
+        opt.step()
+        if step == 0:
+            first = len(made)
+    moving = sum(1 for p in model.parameters() if p.grad is not None)
+    assert first == moving and len(made) == first
