@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from spg_fast import SPG
-from tests.integrations.examples import check_ranks, load, protected, ranks_of, torchrun
+from tests.integrations.examples import check_multihead_example, load, protected, ranks_of, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +22,7 @@ def test_ddp_example(tmp_path: Path) -> None:
     assert "task 2: ended on 2 processes" in output
     example = load("ddp")
     ranks = ranks_of(tmp_path)
-
-    def net_of(params: dict[str, torch.Tensor]) -> torch.nn.Module:
-        net = example.MultiHeadNet()
-        net.load_state_dict(params)
-        return net
-
-    def reference(task: int, net: torch.nn.Module, before: dict | None) -> SPG:
-        single = SPG(net, heads="heads")
-        if before is not None:
-            single.load_state_dict(before)
-        single.end_task(task, DataLoader(example.task_data(task), batch_size=example.BATCH))
-        return single
-
-    check_ranks(ranks, reference, net_of)
+    check_multihead_example(ranks, example, batch=example.BATCH)
     assert protected(ranks) < 0.3
     plain = SPG(example.MultiHeadNet(), heads="heads")
     plain.load_state_dict(torch.load(tmp_path / "spg-task2.pt", weights_only=True))

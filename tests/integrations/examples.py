@@ -90,3 +90,28 @@ def protected(ranks: list[list[dict[str, Any]]]) -> float:
             moved[key][1] += int(where.sum())
     assert moved["high"][1] >= 10 and moved["low"][1] >= 10, moved
     return (moved["high"][0] / moved["high"][1]) / (moved["low"][0] / moved["low"][1])
+
+
+def check_multihead_example(
+    ranks: list[list[dict[str, Any]]], example: ModuleType, batch: int
+) -> None:
+    """``check_ranks`` for an example whose network is ``example.MultiHeadNet`` (its heads in
+    ``heads``) and whose task data is ``example.task_data(task)``, one process measuring over all
+    of it in batches of ``batch``."""
+    from torch.utils.data import DataLoader
+
+    from spg_fast import SPG
+
+    def net_of(params: dict[str, torch.Tensor]) -> torch.nn.Module:
+        net = example.MultiHeadNet()
+        net.load_state_dict(params)
+        return net
+
+    def reference(task: int, net: torch.nn.Module, before: dict | None) -> SPG:
+        single = SPG(net, heads="heads")
+        if before is not None:
+            single.load_state_dict(before)
+        single.end_task(task, DataLoader(example.task_data(task), batch_size=batch))
+        return single
+
+    check_ranks(ranks, reference, net_of)

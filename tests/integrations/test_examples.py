@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from spg_fast import SPG
 from tests.integrations.examples import (
     EXAMPLES,
+    check_multihead_example,
     check_ranks,
     load,
     protected,
@@ -42,20 +42,7 @@ def test_lightning_ddp_example(tmp_path: Path, strategy: str) -> None:
     assert "task 2: ended on 2 process(es)" in output
     example = load("lightning_ddp")
     ranks = ranks_of(tmp_path)
-
-    def net_of(params: dict[str, torch.Tensor]) -> torch.nn.Module:
-        net = example.MultiHeadNet()
-        net.load_state_dict(params)
-        return net
-
-    def reference(task: int, net: torch.nn.Module, before: dict | None) -> SPG:
-        single = SPG(net, heads=net.heads)
-        if before is not None:
-            single.load_state_dict(before)
-        single.end_task(task, DataLoader(example.task_data(task), batch_size=16))
-        return single
-
-    check_ranks(ranks, reference, net_of)
+    check_multihead_example(ranks, example, batch=16)
     assert protected(ranks) < 0.3
     for task in range(example.TASKS):  # the last checkpoint of each task holds it
         last = tmp_path / f"task{task}" / "last.ckpt"  # FSDP2: a folder, the shards and meta.pt
