@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import spg_fast
+from bench import bytes_model
 from spg_fast import SPG, optim
 
 CHUNK = 1 << 20
@@ -48,17 +49,23 @@ class _Model(nn.Module):
         self.head = nn.Linear(16, 2)
 
 
+_OPS = {"sgd": "sgd_momentum", "adamw": "adamw"}  # bench.bytes_model's names
+
+
 def stream_bytes(optimizer: str, keep_bytes: int | None, wrap_update: bool) -> int:
-    """Bytes per float32 element one step must move: the optimizer's own streams (SGD-momentum
-    reads p, g, buf and writes p, buf; AdamW reads p, g, m, v and writes p, m, v), the stored keep
-    factor read once, and for update masking around torch's step a snapshot copy (read p, write
-    the copy) and the scaling in one pass (read p, the copy and the keep factor, write p)."""
-    own = {"sgd": 5 * 4, "adamw": 7 * 4}[optimizer]
+    """Bytes per float32 element one step must move (``bench.bytes_model``): the optimizer's own
+    streams, the stored keep factor read once inside a fused masked step, or, for update masking
+    around torch's step, a snapshot copy and the update mask's pass."""
+    op = _OPS[optimizer]
     if keep_bytes is None:
-        return own
+        return bytes_model.bytes_per_element(op)
     if not wrap_update:
-        return own + keep_bytes
-    return own + 8 + (12 + keep_bytes)
+        return bytes_model.bytes_per_element(f"{op}_masked", keep_bytes=keep_bytes)
+    return (
+        bytes_model.bytes_per_element(op)
+        + bytes_model.bytes_per_element("copy")
+        + bytes_model.bytes_per_element("update_mask", keep_bytes=keep_bytes)
+    )
 
 
 def _cases(numel: int) -> dict[str, tuple[str, Callable[[], Any], int]]:
